@@ -1,0 +1,3 @@
+"""Imports every command module so that its ``@cli.command()`` runs. One line per module."""
+
+# from . import plan_cmd  # targets, plan

@@ -1,0 +1,87 @@
+"""Typed errors. Every message is one line: what was wrong, the valid choices, the fix.
+
+Only ``edgekit.cli`` turns these into printed lines and exit codes; library code raises them and the
+on-device runtime never exits the process.
+"""
+
+from __future__ import annotations
+
+
+class EdgekitError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+# --- bad input (exit 2) --------------------------------------------------------------------------
+class UserInputError(EdgekitError):
+    """The user asked for something that cannot be done as asked."""
+
+
+class ModelNotFound(UserInputError):
+    pass
+
+
+class ModelFormatError(UserInputError):
+    """A config.json, safetensors shard or GGUF file that cannot be read as a model."""
+
+
+class UnsupportedArchitecture(UserInputError):
+    pass
+
+
+class UnsupportedQuantType(UserInputError):
+    pass
+
+
+class UnknownTarget(UserInputError):
+    pass
+
+
+class UnsupportedPrecision(UserInputError):
+    pass
+
+
+class HubUnavailable(UserInputError):
+    """A hub id was given but the hub cannot be reached (offline, or no such repository)."""
+
+
+class BundleError(UserInputError):
+    """A bundle that is missing, malformed, tampered with, or for another target/backend."""
+
+
+class OutputError(UserInputError):
+    """The output cannot be written (no space left, not writable, exists)."""
+
+
+# --- does not fit (exit 3) -----------------------------------------------------------------------
+class DoesNotFit(EdgekitError):
+    """The planner says the model does not fit the target's memory budget."""
+
+    exit_code = 3
+
+
+class BudgetExceeded(EdgekitError):
+    """The runtime refused to allocate: what the bundle needs exceeds what is available."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, needed_bytes: int = 0, available_bytes: int = 0,
+                 max_context: int | None = None):
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+        self.max_context = max_context
+
+
+# --- runtime ------------------------------------------------------------------------------------
+class GenerationError(EdgekitError):
+    """Bad generation request (prompt too long, invalid sampling values) or a failed step."""
+
+
+class BackendUnavailable(EdgekitError):
+    """The requested backend (CUDA, TensorRT) is not usable on this machine."""
+
+
+class Cancelled(EdgekitError):
+    pass

