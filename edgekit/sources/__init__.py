@@ -9,6 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from ..errors import HubUnavailable, ModelFormatError, ModelNotFound
 from ..spec import ModelSpec
@@ -22,6 +26,49 @@ class ModelSource:
     path: Path         # the folder, or the .gguf file
     spec: ModelSpec
     display: str       # what the user typed (a path or a hub id)
+
+
+class WeightReader(Protocol):
+    """What the exporter reads a checkpoint through, whatever its format.
+
+    Names are canonical (``edgekit.architectures``: "embed.weight", "layers.{i}.q.weight", ...); tensors come
+    back as float32 numpy arrays in Hugging Face orientation (linear weights are (out_features, in_features)),
+    one at a time, so exporting streams layer by layer instead of holding the model twice.
+    """
+
+    spec: ModelSpec
+
+    def has(self, canonical: str, layer: int | None = None) -> bool: ...
+
+    def tensor(self, canonical: str, layer: int | None = None) -> "np.ndarray": ...
+
+    def tokenizer_json(self) -> str:
+        """The tokenizer as a `tokenizers` JSON document (tokenizer.json)."""
+        ...
+
+    def chat_template(self) -> str | None: ...
+
+    def special_tokens(self) -> dict[str, Any]:
+        """``{"bos_token": str|None, "eos_token": str|None, "bos_token_id": int|None,
+        "eos_token_ids": [int], "add_bos_token": bool}``"""
+        ...
+
+    def fingerprint(self) -> str:
+        """A sha256 identifying the source weights (file hashes), for manifests and build caches."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_weights(source: ModelSource) -> WeightReader:
+    """A reader for the source's weights (memory-mapped; nothing is loaded until asked for)."""
+    if source.kind == "gguf":
+        from .gguf import GGUFReader
+
+        return GGUFReader(source.path)
+    from .safetensors_reader import SafetensorsReader
+
+    return SafetensorsReader(source.path, source.spec)
 
 
 def resolve(model: str | Path, *, config_only: bool = False) -> ModelSource:
