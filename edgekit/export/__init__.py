@@ -1,0 +1,63 @@
+"""Export stage: a checkpoint (through a WeightReader) -> an ONNX decoder with a static KV cache.
+
+``export_onnx(reader, spec, folder, options)`` writes into ``folder``:
+
+- ``model.onnx``       the graph (contract in :mod:`edgekit.export.decoder`), no weights inside
+- ``model.onnx.data``  every initializer, page aligned, written as the layers are emitted
+
+and returns an :class:`ExportResult` with the graph's inputs and outputs (name, dtype, shape), which the
+bundle manifest records. Peak memory is about one decoder layer in float32 beyond the memory-mapped source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from .. import __version__
+from ..spec import ModelSpec
+from .decoder import DIALECTS, DecoderWriter, GraphOptions, LinearEmitter
+from .graph import GraphBuilder
+
+MODEL_FILE = "model.onnx"
+OPSETS = {"ort": {"": 21, "com.microsoft": 1}, "tensorrt": {"": 21}}
+
+__all__ = ["DIALECTS", "ExportResult", "GraphOptions", "MODEL_FILE", "export_onnx"]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    model_file: str
+    data_file: str
+    weights_bytes: int
+    inputs: list[dict]
+    outputs: list[dict]
+
+
+def _io(values) -> list[dict]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+    return out
+
+
+def export_onnx(reader, spec: ModelSpec, folder: Path, options: GraphOptions, *,
+                linear: LinearEmitter | None = None,
+                progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    """Write ``model.onnx`` + ``model.onnx.data`` for ``spec`` into ``folder`` (which must exist)."""
+    folder = Path(folder)
+    builder = GraphBuilder(f"edgekit-{spec.family}-{options.dialect}", folder / MODEL_FILE, OPSETS[options.dialect])
+    try:
+        DecoderWriter(builder, spec, options, reader, linear=linear).write(progress)
+        model = builder.save(producer=f"edgekit {__version__}", metadata={
+            "edgekit.dialect": options.dialect, "edgekit.precision": options.precision,
+            "edgekit.max_context": str(options.max_context), "edgekit.logits": options.logits})
+    finally:
+        builder.abort()
+    return ExportResult(MODEL_FILE, builder.data_name, builder.weight_bytes, _io(model.graph.input),
+                        _io(model.graph.output))
