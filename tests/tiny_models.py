@@ -41,3 +41,45 @@ def make_model(kind: str, folder: Path, seed: int = 0, **overrides):
     model.eval()
     model.save_pretrained(folder)
     return model
+
+
+# An R1-style template: the generation prompt opens a thought, as DeepSeek-R1-Distill's does.
+R1_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|eos|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
+)
+SPECIALS = ["<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<think>", "</think>"]
+
+
+def make_tokenizer(folder: Path, template: str | None = R1_TEMPLATE) -> None:
+    """A byte-level tokenizer (256 byte tokens, no merges) with the specials above at ids 256...
+
+    ``<think>``/``</think>`` are ordinary added tokens (not special) as in the R1 tokenizers, so they
+    survive decoding with skip_special_tokens.
+    """
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS[:4]])
+    tok.add_tokens([AddedToken(t, special=False) for t in SPECIALS[4:]])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "add_bos_token": True}
+    if template:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 256, "eos_token_id": 257}))
+
+
+def make_tiny(kind: str, folder: Path, seed: int = 0, template: str | None = R1_TEMPLATE, **overrides):
+    """A complete tiny model folder (weights, config, tokenizer, template) whose ids match the tokenizer."""
+    model = make_model(kind, folder, seed=seed, bos_token_id=256, eos_token_id=257, **overrides)
+    make_tokenizer(folder, template)
+    return model

@@ -1,0 +1,149 @@
+"""``edgekit build``: plan -> export -> (quantize) -> package, as one function over typed stages.
+
+``build(model, target, ...)`` writes a bundle folder (see docs/ARCHITECTURE.md for the format):
+
+- ``manifest.json``        schema edgekit.bundle/1 (:mod:`edgekit.runtime.bundle`), sha256 of every file
+- ``model.onnx``           the decoder graph (:mod:`edgekit.export.decoder` documents its inputs/outputs)
+- ``model.onnx.data``      its weights
+- ``tokenizer.json``       a `tokenizers` tokenizer (converted from GGUF metadata when the source is a GGUF)
+- ``chat_template.jinja``  the chat template, when the model has one
+
+Everything is written into a temporary folder next to the output and renamed into place at the end, so an
+interrupted or failed build leaves nothing that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .errors import DoesNotFit, UserInputError
+from .export import GraphOptions, export_onnx
+from .plan import Plan, plan
+from .runtime.bundle import SCHEMA, write_manifest
+from .sources import ModelSource, open_weights, resolve
+from .staging import staged_output
+from .target import Target
+from .units import fmt_bytes
+
+# What the graph builder can write today; int8/int4 arrive with the quantizer.
+BUILDABLE = ("fp32", "fp16")
+DIALECT_OF_BACKEND = {"tensorrt": "tensorrt", "onnxruntime-cuda": "ort", "onnxruntime-cpu": "ort"}
+# DeepSeek's published settings for the R1 models: temperature 0.6, top-p 0.95, no system prompt.
+R1_GENERATION = {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                 "max_new_tokens": 2048, "reasoning": True, "system_prompt": False}
+DEFAULT_GENERATION = {"temperature": 0.7, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                      "max_new_tokens": 512, "reasoning": False, "system_prompt": True}
+
+Progress = Callable[[str, int, int], None]   # (stage description, done, total)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle: Path
+    plan: Plan
+    manifest: dict
+
+
+def default_precision(target: Target, backend: str | None = None) -> str:
+    """The most compact precision the builder writes that the target's backend runs."""
+    runs = target.backend(backend).precisions
+    for p in ("fp16", "fp32"):
+        if p in runs and p in BUILDABLE:
+            return p
+    return runs[0]
+
+
+def build(model: str | Path | ModelSource, target: Target, *, output: Path, precision: str | None = None,
+          context: int = 4096, backend: str | None = None, force: bool = False, logits: str = "last",
+          progress: Progress | None = None) -> BuildResult:
+    """Build ``model`` for ``target`` into the bundle folder ``output``.
+
+    Refuses before any heavy work when the plan does not fit (``force`` builds anyway) or when the
+    precision/backend cannot run on the target. Raises EdgekitError subclasses with one-line messages.
+    """
+    source = model if isinstance(model, ModelSource) else resolve(model)
+    spec = source.spec
+    precision = precision or default_precision(target, backend)
+    context = min(context, spec.max_position_embeddings)
+    the_plan = plan(spec, target, precision=precision, context=context, backend=backend)
+    if precision not in BUILDABLE:
+        raise UserInputError(f"edgekit cannot write {precision} weights yet: build with --precision "
+                             f"{' or '.join(p for p in BUILDABLE if p in target.backend(backend).precisions)}")
+    if not the_plan.fits and not force:
+        hint = (f"use --context {the_plan.max_context}" if the_plan.max_context >= 256 else
+                f"use --precision {the_plan.fitting_precision}" if the_plan.fitting_precision else
+                "use a bigger target")
+        raise DoesNotFit(
+            f"{spec.name or 'the model'} at {precision} with context {context} needs "
+            f"{fmt_bytes(the_plan.total_bytes)} but {target.name} has a budget of {fmt_bytes(the_plan.budget_bytes)}: "
+            f"{hint}, or pass --force to build anyway (edgekit plan shows the breakdown)")
+    dialect = DIALECT_OF_BACKEND[the_plan.backend]
+    graph_float = "fp32" if the_plan.kv_dtype == "fp32" else "fp16"
+    options = GraphOptions(dialect=dialect, precision=graph_float, max_context=context, logits=logits)
+
+    output = Path(output)
+    reader = open_weights(source)
+    try:
+        with staged_output(output, force=force) as tmp:
+            report = (lambda done, total: progress("export", done, total)) if progress else None
+            exported = export_onnx(reader, spec, tmp, options, progress=report)
+            if progress:
+                progress("tokenizer", 0, 1)
+            special = reader.special_tokens()
+            (tmp / "tokenizer.json").write_text(reader.tokenizer_json(), encoding="utf-8")
+            template = reader.chat_template()
+            if template:
+                (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+            if progress:
+                progress("hashing", 0, 1)
+            manifest = _manifest(source, reader.fingerprint(), spec, target, the_plan, options, exported, special,
+                                 template)
+            manifest = write_manifest(tmp, manifest)
+    finally:
+        reader.close()
+    return BuildResult(output, the_plan, manifest)
+
+
+def _is_r1(spec, template: str | None) -> bool:
+    return "<think>" in (template or "") or "r1" in (spec.name or "").lower()
+
+
+def _manifest(source: ModelSource, fingerprint: str, spec, target: Target, the_plan: Plan, options: GraphOptions,
+              exported, special: dict, template: str | None) -> dict:
+    kv_per_token = the_plan.kv_bytes_per_token
+    generation = dict(R1_GENERATION if _is_r1(spec, template) else DEFAULT_GENERATION)
+    return {
+        "schema": SCHEMA,
+        "edgekit_version": __version__,
+        "source": {"kind": source.kind, "name": Path(str(source.display)).name if source.kind == "gguf" else
+                   str(source.display), "sha256": fingerprint},
+        "model": spec.to_dict(),
+        "target": {"name": target.name, "kind": target.kind, "compute_capability": target.sm},
+        "backend": the_plan.backend,
+        "dialect": options.dialect,
+        "precision": the_plan.precision,
+        "max_context": options.max_context,
+        "graph": {"file": exported.model_file, "data": exported.data_file, "inputs": exported.inputs,
+                  "outputs": exported.outputs, "logits": options.logits,
+                  "kv_dtype": "float32" if options.precision == "fp32" else "float16",
+                  "kv_cache": ({"layout": "(batch, kv_heads, capacity, head_dim)", "update": "in-place (GQA)"}
+                               if options.dialect == "ort" else
+                               {"layout": "(batch, capacity, kv_heads, head_dim)",
+                                "update": "runtime copies new_key/new_value rows"})},
+        "memory": {"weights_bytes": exported.weights_bytes, "kv_bytes_per_token": kv_per_token,
+                   "kv_cache_bytes": kv_per_token * options.max_context,
+                   "workspace_bytes": the_plan.workspace_bytes, "overhead_bytes": the_plan.overhead_bytes,
+                   "prefill_chunk": the_plan.prefill_chunk,
+                   "total_bytes": exported.weights_bytes + kv_per_token * options.max_context
+                   + the_plan.workspace_bytes + the_plan.overhead_bytes},
+        "tokenizer": {"file": "tokenizer.json", "chat_template": "chat_template.jinja" if template else None,
+                      "bos_token": special.get("bos_token"), "eos_token": special.get("eos_token"),
+                      "bos_token_id": special.get("bos_token_id"),
+                      "eos_token_ids": list(special.get("eos_token_ids") or spec.eos_token_ids),
+                      "add_bos_token": bool(special.get("add_bos_token", False))},
+        "generation": generation,
+        "engine": None,
+    }

@@ -1,0 +1,152 @@
+"""The generation loop: prefill in chunks, then one token at a time, streaming typed events.
+
+Events carry a ``kind``: "reasoning" and "answer" text deltas (R1's thought and its reply; a model without
+reasoning only produces "answer"), and a final "done" whose ``result`` is the GenerationResult.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import GenerationError
+from .reasoning import FORCED_CLOSE, ReasoningSplitter, StopMatcher
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    text: str                      # everything generated (reasoning, closing tag and answer), minus a stop string
+    reasoning: str                 # the thought ("" for a model or template without reasoning)
+    answer: str                    # what to show the user
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str             # "stop" (EOS or a stop string), "length", "cancelled"
+    ttft_ms: float                 # request start -> first token chosen (tokenize + prefill + one sample)
+    decode_tok_s: float            # tokens after the first / time after the first
+    total_ms: float
+    reasoning_tokens: int = 0
+    thinking_budget_hit: bool = False
+    tokens: list[int] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "tokens"}
+        d["ttft_ms"] = round(self.ttft_ms, 2)
+        d["decode_tok_s"] = round(self.decode_tok_s, 2)
+        d["total_ms"] = round(self.total_ms, 2)
+        return d
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str                       # "reasoning" | "answer" | "done"
+    text: str = ""
+    result: GenerationResult | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    thinking_budget: int | None = None
+    in_reasoning: bool = False      # the prompt left a <think> open
+    ignore_eos: bool = False        # benchmarks: always generate max_new_tokens
+
+
+def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_ids: set[int],
+        cancel: threading.Event | None = None, started: float | None = None) -> Iterator[Event]:
+    """Generate for one request on ``decoder`` (which is reset first). Yields Events, the last one "done"."""
+    t0 = started if started is not None else time.perf_counter()
+    ids = request.prompt_ids
+    capacity = decoder.capacity
+    if not ids:
+        raise GenerationError("the prompt is empty: give at least one token of text")
+    if len(ids) >= capacity:
+        raise GenerationError(
+            f"the prompt has {len(ids)} tokens but max_context is {capacity}: shorten it, load with a larger "
+            "max_context, or ask for truncation (truncate=True / --truncate)")
+    budget_left = capacity - len(ids)
+    max_new = budget_left if request.max_new_tokens is None else min(request.max_new_tokens, budget_left)
+    if request.max_new_tokens is not None and request.max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+
+    sampler = Sampler(request.sampling, decoder.vocab)
+    sampler.observe(ids)
+    decoder.reset()
+    prompt = np.asarray(ids, dtype=np.int64)
+    logits = None
+    for start in range(0, len(prompt), prefill_chunk):
+        if cancel is not None and cancel.is_set():
+            break
+        logits = decoder.step(prompt[start:start + prefill_chunk])
+
+    detok = codec.stream(skip_special_tokens=True)
+    stopper = StopMatcher(list(request.stop))
+    splitter = ReasoningSplitter(request.in_reasoning)
+    tokens: list[int] = []
+    text_parts: list[str] = []
+    reasoning_tokens, budget_hit, finish = 0, False, "length"
+    t_first = None
+
+    def emit(delta: str) -> Iterator[Event]:
+        for kind, piece in splitter.feed(delta):
+            yield Event(kind, piece)
+
+    while len(tokens) < max_new:
+        if logits is None or (cancel is not None and cancel.is_set()):
+            finish = "cancelled"
+            break
+        token = sampler(logits)
+        if t_first is None:
+            t_first = time.perf_counter()
+        if token in eos_ids and not request.ignore_eos:
+            finish = "stop"
+            break
+        tokens.append(token)
+        sampler.observe((token,))
+        safe, stopped = stopper.feed(detok.push(token))
+        text_parts.append(safe)
+        yield from emit(safe)
+        if stopped:
+            finish = "stop"
+            break
+        if splitter.in_reasoning:
+            reasoning_tokens += 1
+            if request.thinking_budget is not None and reasoning_tokens >= request.thinking_budget \
+                    and decoder.position + 8 < capacity:
+                # End the thought the way R1 does and make the model answer. The forced tokens go through the
+                # model (so it sees them) and through the text path (so the splitter switches to the answer).
+                forced = codec.encode(FORCED_CLOSE, add_special_tokens=False)
+                decoder.step(np.asarray([token], dtype=np.int64))
+                logits = decoder.step(np.asarray(forced, dtype=np.int64))
+                budget_hit = True
+                forced_text = codec.decode(forced)
+                text_parts.append(forced_text)
+                yield from emit(forced_text)
+                continue
+        if len(tokens) >= max_new:
+            break
+        logits = decoder.step(np.asarray([token], dtype=np.int64))
+
+    if finish != "stop":
+        tail = stopper.finish()
+        text_parts.append(tail)
+        yield from emit(tail)
+    for kind, piece in splitter.finish():
+        yield Event(kind, piece)
+    t_end = time.perf_counter()
+    n = len(tokens)
+    decode_s = (t_end - t_first) if t_first is not None else 0.0
+    result = GenerationResult(
+        text="".join(text_parts), reasoning="".join(splitter.reasoning), answer="".join(splitter.answer),
+        prompt_tokens=len(ids), completion_tokens=n, finish_reason=finish,
+        ttft_ms=((t_first or t_end) - t0) * 1000, decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+        total_ms=(t_end - t0) * 1000, reasoning_tokens=reasoning_tokens, thinking_budget_hit=budget_hit,
+        tokens=tokens)
+    yield Event("done", result=result)

@@ -1,0 +1,97 @@
+"""What a bundle will allocate, what this device has free, and the check between them.
+
+The check runs before anything is allocated: a robot that runs out of memory halfway through loading takes
+its other processes down with it (the Linux OOM killer does not pick the newcomer), so refusing up front
+with numbers is the only safe answer.
+
+Where "available" comes from:
+- Linux host or Jetson (unified memory: the GPU allocates from the same RAM): ``MemAvailable`` in
+  /proc/meminfo. On Jetson, large single buffers also come from the CMA pool / NvMap carve-outs, which can
+  fail below MemAvailable; ``edgekit plan`` warns about the largest single tensor for that reason.
+- In a container: the cgroup limit (v2 ``memory.max`` minus ``memory.current``; v1 ``memory.limit_in_bytes``
+  minus ``memory.usage_in_bytes``) when it is lower.
+- A desktop GPU's own free memory is the TensorRT backend's concern (it asks CUDA); onnxruntime-cuda
+  bundles are checked against host memory only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BudgetExceeded
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    weights_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    overhead_bytes: int
+    max_context: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes + self.overhead_bytes
+
+
+def need_for(memory: dict, max_context: int) -> MemoryNeed:
+    """The allocation for ``max_context`` from a manifest's ``memory`` section."""
+    return MemoryNeed(int(memory["weights_bytes"]), int(memory["kv_bytes_per_token"]) * max_context,
+                      int(memory.get("workspace_bytes", 0)), int(memory.get("overhead_bytes", 0)), max_context)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory(root: Path = Path("/")) -> tuple[int, str]:
+    """(bytes available to this process, where the number comes from). ``root`` is for tests."""
+    candidates: list[tuple[int, str]] = []
+    try:
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append((int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"))
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    cg = root / "sys/fs/cgroup"
+    limit, used = _read_int(cg / "memory.max"), _read_int(cg / "memory.current")
+    if limit is not None and used is not None:
+        candidates.append((max(0, limit - used), "cgroup v2 memory.max - memory.current"))
+    limit, used = _read_int(cg / "memory/memory.limit_in_bytes"), _read_int(cg / "memory/memory.usage_in_bytes")
+    if limit is not None and used is not None and limit < (1 << 60):
+        candidates.append((max(0, limit - used), "cgroup v1 memory.limit_in_bytes - usage"))
+    if not candidates:
+        return (1 << 62), "unknown (no /proc/meminfo): not checked"
+    return min(candidates)
+
+
+def check_budget(memory: dict, max_context: int, *, budget: int | None = None,
+                 available: tuple[int, str] | None = None, bundle_context: int | None = None) -> MemoryNeed:
+    """Raise BudgetExceeded (with the largest max_context that fits) unless the need fits; return the need."""
+    need = need_for(memory, max_context)
+    free, source = available if available is not None else available_memory()
+    limit, what = (free, source)
+    if budget is not None and budget < free:
+        limit, what = budget, "memory_budget"
+    if need.total_bytes <= limit:
+        return need
+    per_token = int(memory["kv_bytes_per_token"])
+    fixed = need.weights_bytes + need.workspace_bytes + need.overhead_bytes
+    fits = max(0, (limit - fixed) // per_token) if per_token else 0
+    fits = min(fits, bundle_context or max_context)
+    hint = (f"the largest max_context that fits is {fits}" if fits >= 16 else
+            "even the weights do not fit: free memory, raise the budget, or use a smaller/lower-precision bundle")
+    raise BudgetExceeded(
+        f"this bundle needs {need.total_bytes / MiB:.0f} MiB for max_context {max_context} (weights "
+        f"{need.weights_bytes / MiB:.0f} MiB + KV cache {need.kv_cache_bytes / MiB:.0f} MiB + workspace "
+        f"{need.workspace_bytes / MiB:.0f} MiB + runtime {need.overhead_bytes / MiB:.0f} MiB) but only "
+        f"{limit / MiB:.0f} MiB is available ({what}); {hint}",
+        needed_bytes=need.total_bytes, available_bytes=limit, max_context=fits if fits >= 16 else 0)

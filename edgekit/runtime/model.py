@@ -1,0 +1,154 @@
+"""``load(bundle)`` -> a :class:`Model` that generates text; the entry point robot code imports."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import BackendUnavailable, BundleError, GenerationError
+from .bundle import read_manifest, verify
+from .generate import Event, GenerationRequest, GenerationResult, run
+from .memory import check_budget
+from .reasoning import prompt_opens_thinking
+from .sampling import SamplingParams
+from .text import TextCodec
+
+ORT_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda")
+BACKENDS = ("auto", *ORT_BACKENDS, "tensorrt")
+
+
+def _parse_budget(value) -> int | None:
+    if value is None:
+        return None
+    from ..units import parse_size  # stdlib-only module
+
+    return parse_size(value)
+
+
+class Model:
+    """A loaded bundle. One generation runs at a time (the device holds one KV cache); calls are serialised."""
+
+    def __init__(self, manifest, decoder, codec: TextCodec, max_context: int, memory_need):
+        self.manifest = manifest
+        self.spec = manifest.spec()
+        self.decoder = decoder
+        self.codec = codec
+        self.max_context = max_context
+        self.memory = memory_need
+        self.defaults: dict[str, Any] = dict(manifest.generation)
+        self.eos_ids = set(manifest.tokenizer.get("eos_token_ids") or []) | set(self.spec.eos_token_ids)
+        self.prefill_chunk = int(manifest.memory.get("prefill_chunk", 256))
+        self._lock = threading.Lock()
+
+    # ----- prompt handling ----------------------------------------------------------------------
+    def render(self, prompt: str | None = None, messages: list[dict] | None = None) -> tuple[str, bool]:
+        """(text to tokenize, whether it is a rendered chat template)."""
+        if (prompt is None) == (messages is None):
+            raise GenerationError("give either a prompt or messages, not both or neither")
+        if messages is not None:
+            return self.codec.render(messages, add_generation_prompt=True), True
+        if not isinstance(prompt, str):
+            raise GenerationError(f"the prompt must be a string, got {type(prompt).__name__}")
+        return prompt, False
+
+    def chat_prompt(self, text: str) -> list[dict]:
+        """A one-turn conversation; R1 bundles use no system prompt (DeepSeek's published guidance)."""
+        return [{"role": "user", "content": text}]
+
+    def request(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
+                seed: int | None = None, stop: list[str] | tuple[str, ...] | str | None = None,
+                thinking_budget: int | None = None, truncate: bool = False, ignore_eos: bool = False,
+                ) -> GenerationRequest:
+        d = self.defaults
+        text, templated = self.render(prompt, messages)
+        ids = self.codec.encode(text, add_special_tokens=not templated)
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise GenerationError(f"invalid max_new_tokens {max_new_tokens!r}: use a whole number >= 1")
+        if truncate and len(ids) >= self.max_context:
+            keep = max(1, self.max_context - (max_new_tokens or max(1, self.max_context // 4)))
+            ids = ids[-keep:]
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not all(isinstance(s, str) for s in stop):
+            raise GenerationError("stop must be a string or a list of strings")
+        if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 0):
+            raise GenerationError(f"invalid thinking_budget {thinking_budget!r}: use a whole number of tokens >= 0")
+        sampling = SamplingParams(
+            temperature=d.get("temperature", 0.0) if temperature is None else temperature,
+            top_k=d.get("top_k", 0) if top_k is None else top_k,
+            top_p=d.get("top_p", 1.0) if top_p is None else top_p,
+            min_p=d.get("min_p", 0.0) if min_p is None else min_p,
+            repetition_penalty=d.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
+            seed=seed)
+        return GenerationRequest(
+            prompt_ids=ids, sampling=sampling,
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else d.get("max_new_tokens"),
+            stop=tuple(stop or ()), thinking_budget=thinking_budget,
+            in_reasoning=templated and prompt_opens_thinking(text), ignore_eos=ignore_eos)
+
+    # ----- generation ---------------------------------------------------------------------------
+    def stream(self, prompt: str | None = None, *, cancel: threading.Event | None = None, **kw) -> Iterator[Event]:
+        """Events as they are produced: "reasoning"/"answer" text deltas, then "done" with the result."""
+        started = time.perf_counter()
+        req = self.request(prompt, **kw)
+        with self._lock:
+            yield from run(self.decoder, self.codec, req, prefill_chunk=self.prefill_chunk, eos_ids=self.eos_ids,
+                           cancel=cancel, started=started)
+
+    def generate(self, prompt: str | None = None, **kw) -> GenerationResult:
+        for event in self.stream(prompt, **kw):
+            if event.kind == "done":
+                return event.result
+        raise GenerationError("generation ended without a result")  # unreachable: run() always ends with done
+
+    def count_tokens(self, prompt: str | None = None, *, messages: list[dict] | None = None) -> int:
+        text, templated = self.render(prompt, messages)
+        return len(self.codec.encode(text, add_special_tokens=not templated))
+
+    def close(self) -> None:
+        self.decoder = None
+
+
+def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: int | str | None = None,
+         backend: str = "auto", threads: int | None = None, verify_weights: bool = False) -> Model:
+    """Load a bundle, checking it and the memory budget before anything is allocated.
+
+    - The manifest is validated and every file's size checked; small files (graph, tokenizer, template) are
+      hashed. ``verify_weights=True`` hashes the weights too: on a Jetson that reads GBs and takes tens of
+      seconds, so it is off by default (``edgekit verify`` or ``edgekit flash`` do it once per copy).
+    - ``max_context`` (<= the bundle's) sets the KV cache size; the cache is allocated once, at load.
+    - ``memory_budget`` (bytes or "3.5GiB") caps what edgekit may use below what the device has free.
+    - ``backend``: "auto" (the bundle's), "onnxruntime-cpu", "onnxruntime-cuda" or "tensorrt".
+    Raises BundleError, BudgetExceeded, BackendUnavailable; never exits, never touches the network.
+    """
+    manifest = read_manifest(bundle)
+    verify(bundle, weights=verify_weights).raise_for_problems()
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    chosen = manifest.backend if backend == "auto" else backend
+    if chosen == "tensorrt" or (manifest.backend == "tensorrt" and backend == "auto"):
+        raise BackendUnavailable(
+            f"bundle {bundle} is built for TensorRT ({manifest.target.get('name')}), which this runtime cannot run "
+            "yet: pass backend='onnxruntime-cpu' to run its graph on the CPU, or build for --target cpu")
+    if chosen not in ORT_BACKENDS:
+        raise BundleError(f"bundle {bundle} is for backend {chosen!r}, which edgekit {__name__} does not know")
+    built = int(manifest.max_context)
+    context = built if max_context is None else max_context
+    if not isinstance(context, int) or isinstance(context, bool) or not 2 <= context <= built:
+        raise GenerationError(f"invalid max_context {max_context!r}: this bundle supports 2 .. {built}")
+    need = check_budget(manifest.memory, context, budget=_parse_budget(memory_budget), bundle_context=built)
+
+    tok = manifest.tokenizer
+    template_name = tok.get("chat_template")
+    codec = TextCodec(manifest.path(tok["file"]).read_text(encoding="utf-8"),
+                      manifest.path(template_name).read_text(encoding="utf-8") if template_name else None, tok)
+    from .ort_backend import OrtDecoder
+
+    decoder = OrtDecoder(str(manifest.path(manifest.graph["file"])), dialect=manifest.dialect, spec=manifest.spec(),
+                         capacity=context, kv_dtype=manifest.graph.get("kv_dtype", "float32"), backend=chosen,
+                         threads=threads)
+    return Model(manifest, decoder, codec, context, need)

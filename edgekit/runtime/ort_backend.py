@@ -1,0 +1,112 @@
+"""The onnxruntime backend: one decoder session, its static KV cache, and a ``step`` that appends tokens.
+
+Both graph dialects run here (``ort`` is the fast path; ``tensorrt`` runs on onnxruntime for checks and as
+a CPU fallback). Everything a step needs is allocated once in ``__init__``:
+
+- ``ort``: one (1, Hkv, C, D) OrtValue per layer and K/V, bound as both ``past_*`` and ``present_*``
+  (GroupQueryAttention updates it in place), plus the logits buffer. A decode step allocates nothing.
+- ``tensorrt``: one (1, C, Hkv, D) numpy array per layer and K/V; the graph reads the first P rows and
+  returns the S new rows, which are copied in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendUnavailable, GenerationError
+
+_NP = {"float": np.float32, "float32": np.float32, "float16": np.float16}
+
+
+def _providers(backend: str, ort) -> list:
+    if backend == "onnxruntime-cpu":
+        return ["CPUExecutionProvider"]
+    if backend == "onnxruntime-cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(
+                "onnxruntime-cuda was requested but this onnxruntime has no CUDA provider: "
+                "install onnxruntime-gpu (on Jetson, from NVIDIA's Jetson wheels) or use backend='onnxruntime-cpu'")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise BackendUnavailable(f"backend {backend!r} is not an onnxruntime backend")
+
+
+class OrtDecoder:
+    """Runs the exported graph step by step over a fixed-capacity KV cache (batch 1)."""
+
+    def __init__(self, model_path: str, *, dialect: str, spec, capacity: int, kv_dtype: str,
+                 backend: str = "onnxruntime-cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.dialect, self.spec, self.capacity = dialect, spec, capacity
+        self.position = 0  # tokens in the cache
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings would go to the host program's stderr
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        providers = _providers(backend, ort)
+        try:
+            self.session = ort.InferenceSession(model_path, options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types; keep one line
+            raise BackendUnavailable(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0][:300]}") from None
+        if backend == "onnxruntime-cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # onnxruntime silently falls back to CPU when CUDA cannot start; a robot must not run 20x slower unnoticed
+            raise BackendUnavailable("onnxruntime could not start CUDA (no GPU or driver) and fell back to the CPU: "
+                                     "use backend='onnxruntime-cpu' explicitly, or fix the GPU setup (edgekit doctor)")
+        self.device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+        self.dtype = _NP[kv_dtype]
+        self.vocab = spec.vocab_size
+        L, Hkv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        self._ort = ort
+        if dialect == "ort":
+            shape = (1, Hkv, capacity, D)                                  # (batch, kv_heads, capacity, head_dim)
+            self.cache = {f"{kind}_{i}": ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device)
+                          for i in range(L) for kind in ("key", "value")}
+            self.logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab), np.float32, self.device)
+            self._seqlens = np.zeros(1, np.int32)
+            self._total = np.zeros(1, np.int32)
+            self.binding = self.session.io_binding()
+            for name, value in self.cache.items():
+                self.binding.bind_ortvalue_input(f"past_{name}", value)
+                self.binding.bind_ortvalue_output(f"present_{name}", value)
+            self.binding.bind_ortvalue_output("logits", self.logits)
+        else:
+            shape = (1, capacity, Hkv, D)                                  # (batch, capacity, kv_heads, head_dim)
+            self.cache = {f"{kind}_{i}": np.zeros(shape, self.dtype) for i in range(L) for kind in ("key", "value")}
+            self._out_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        one = self.cache["key_0"]
+        n = int(np.prod(one.shape())) if callable(getattr(one, "shape", None)) else one.size
+        return n * np.dtype(self.dtype).itemsize * len(self.cache)
+
+    def reset(self) -> None:
+        """Forget the cache contents (the buffers stay; stale rows are never read past ``position``)."""
+        self.position = 0
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Append ``tokens`` (int64, (S,)) to the cache and return the logits of the last one, (V,) float32."""
+        s = int(tokens.shape[0])
+        if self.position + s > self.capacity:
+            raise GenerationError(f"the KV cache is full ({self.capacity} tokens): start a new conversation or "
+                                  "load with a larger max_context")
+        ids = np.ascontiguousarray(tokens.reshape(1, s), dtype=np.int64)
+        if self.dialect == "ort":
+            self._seqlens[0] = self.position + s - 1
+            self._total[0] = self.position + s
+            self.binding.bind_cpu_input("input_ids", ids)
+            self.binding.bind_cpu_input("seqlens_k", self._seqlens)
+            self.binding.bind_cpu_input("total_sequence_length", self._total)
+            self.session.run_with_iobinding(self.binding)
+            logits = self.logits.numpy()[0, -1]  # a view on CPU: valid until the next step
+        else:
+            p = self.position
+            feeds = {"input_ids": ids, **{f"past_{n}": c[:, :p] for n, c in self.cache.items()}}
+            outs = dict(zip(self._out_names, self.session.run(None, feeds)))
+            for n, c in self.cache.items():
+                c[:, p:p + s] = outs[f"new_{n}"]
+            logits = outs["logits"][0, -1]
+        self.position += s
+        return logits
