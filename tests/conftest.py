@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random models and bundles built once per test session.
+
+Bundles are built through the public API (``edgekit.build.build``) into a session temp folder; tests that
+modify a bundle copy it first (``copy_bundle``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, refs
+
+from tiny_models import make_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 HF folder (qkv bias, GQA, untied head) with an R1-style chat template."""
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    make_tiny("qwen2", folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama HF folder (llama3 rope scaling, tied head)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny("llama", folder)
+    return folder
+
+
+def _build(source, out: Path, **kw) -> Path:
+    from edgekit.build import build
+    from edgekit.target import load_target
+
+    target = load_target(kw.pop("target", "cpu"))
+    return build(source, target, output=out, **kw).bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    """fp32 cpu bundle of the tiny Qwen2 (ort dialect), context 256."""
+    return _build(tiny_qwen2_dir, tmp_path_factory.mktemp("bundles") / "tiny-qwen2", context=256)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from edgekit.sources import packaged_model_path
+
+    return packaged_model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
+    """fp32 cpu bundle of the real SmolLM2-135M (from the packaged GGUF), context 1024."""
+    return _build(smollm2_gguf, tmp_path_factory.mktemp("bundles") / "smollm2", context=1024, precision="fp32")
+
+
+@pytest.fixture
+def copy_bundle(tmp_path):
+    def copy(bundle: Path) -> Path:
+        dest = tmp_path / bundle.name
+        shutil.copytree(bundle, dest)
+        return dest
+    return copy
