@@ -90,18 +90,18 @@ def build(model: str | Path | ModelSource, target: Target, *, output: Path, prec
         with staged_output(output, force=force) as tmp:
             report = (lambda done, total: progress("export", done, total)) if progress else None
             exported = export_onnx(reader, spec, tmp, options, progress=report)
-            if progress:
-                progress("tokenizer", 0, 1)
             special = reader.special_tokens()
             (tmp / "tokenizer.json").write_text(reader.tokenizer_json(), encoding="utf-8")
             template = reader.chat_template()
             if template:
                 (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
             if progress:
-                progress("hashing", 0, 1)
+                progress("tokenizer", 1, 1)
             manifest = _manifest(source, reader.fingerprint(), spec, target, the_plan, options, exported, special,
                                  template)
             manifest = write_manifest(tmp, manifest)
+            if progress:
+                progress("manifest", 1, 1)
     finally:
         reader.close()
     return BuildResult(output, the_plan, manifest)

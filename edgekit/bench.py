@@ -1,0 +1,85 @@
+"""``edgekit bench``: time to first token, decode speed and peak memory over prompt x generation lengths."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserInputError
+from .runtime.generate import GenerationRequest, run
+from .runtime.sampling import SamplingParams
+
+_FILLER = ("The robot checked the kitchen lights, the door sensors and the thermostat, then wrote a short report "
+           "about what it had seen and what it planned to do next. ")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (VmHWM), MiB; 0 where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def prompt_of(model, n: int) -> list[int]:
+    """Exactly ``n`` prompt tokens of ordinary text."""
+    ids = model.codec.encode(_FILLER, add_special_tokens=False)
+    return (ids * (n // max(len(ids), 1) + 1))[:n]
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    prompt_tokens: int
+    new_tokens: int
+    runs: int
+    ttft_ms: float
+    ttft_ms_spread: float      # (max - min) over the runs
+    decode_tok_s: float
+    decode_tok_s_spread: float
+    generated: int             # tokens actually generated in the median run (EOS may stop early without ignore_eos)
+    peak_rss_mib: float
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def bench(model, prompt_lengths: list[int], new_tokens: int, runs: int = 3, *, ignore_eos: bool = True,
+          warmup: bool = True) -> list[BenchCase]:
+    """Greedy generation for each prompt length; medians over ``runs``."""
+    cases = []
+    if warmup:
+        _once(model, prompt_of(model, min(8, model.max_context - 2)), 2, True)
+    for n in prompt_lengths:
+        if n + new_tokens > model.max_context:
+            raise UserInputError(f"{n} prompt + {new_tokens} new tokens exceed max_context {model.max_context}: "
+                                 "use shorter --prompt-tokens/--new-tokens or a bundle with a longer context")
+        results = [_once(model, prompt_of(model, n), new_tokens, ignore_eos) for _ in range(runs)]
+        ttft = [r.ttft_ms for r in results]
+        tps = [r.decode_tok_s for r in results]
+        cases.append(BenchCase(n, new_tokens, runs, statistics.median(ttft), max(ttft) - min(ttft),
+                               statistics.median(tps), max(tps) - min(tps),
+                               int(statistics.median(r.completion_tokens for r in results)), peak_rss_mib()))
+    return cases
+
+
+def _once(model, ids: list[int], new_tokens: int, ignore_eos: bool):
+    request = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(), max_new_tokens=new_tokens,
+                                ignore_eos=ignore_eos)
+    with model._lock:
+        for event in run(model.decoder, model.codec, request, prefill_chunk=model.prefill_chunk, eos_ids=model.eos_ids):
+            if event.kind == "done":
+                return event.result

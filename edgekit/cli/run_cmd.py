@@ -1,0 +1,169 @@
+"""``edgekit run``, ``edgekit chat`` and ``edgekit bench``: use a bundle on this machine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import cli, echo_json
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def _load_options(f):
+    f = click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads [default: all].")(f)
+    f = click.option("--backend", default="auto", show_default=True,
+                     help="auto, onnxruntime-cpu, onnxruntime-cuda or tensorrt.")(f)
+    f = click.option("--max-context", type=int, default=None, help="KV cache size (<= the bundle's).")(f)
+    f = click.option("--memory-budget", default=None, metavar="SIZE",
+                     help="Cap what edgekit may allocate, e.g. 3.5GiB.")(f)
+    return click.argument("bundle", type=click.Path(path_type=Path))(f)
+
+
+def _load(bundle, memory_budget, max_context, backend, threads):
+    from ..runtime.model import load
+
+    return load(bundle, max_context=max_context, memory_budget=memory_budget, backend=backend, threads=threads)
+
+
+def _sampling_options(f):
+    for option in (
+        click.option("--max-new-tokens", "-n", type=int, default=None, help="Stop after N tokens."),
+        click.option("--temperature", type=float, default=None, help="0 = greedy [default: the bundle's]."),
+        click.option("--top-p", type=float, default=None),
+        click.option("--top-k", type=int, default=None),
+        click.option("--min-p", type=float, default=None),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None, help="Same seed, same tokens."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--thinking-budget", type=int, default=None,
+                     help="R1 models: close the thought after N reasoning tokens and answer."),
+    ):
+        f = option(f)
+    return f
+
+
+def _sampling(kw) -> dict:
+    keys = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+            "thinking_budget")
+    out = {k: kw[k] for k in keys if kw.get(k) is not None}
+    if kw.get("stop"):
+        out["stop"] = list(kw["stop"])
+    return out
+
+
+@cli.command("run")
+@_load_options
+@click.argument("prompt")
+@_sampling_options
+@click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
+@click.option("--truncate", is_flag=True, help="Keep the end of a prompt longer than the context.")
+@click.option("--show-reasoning", is_flag=True, help="Print the model's reasoning (dimmed, on stderr).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, reasoning, answer, timings.")
+def run_cmd(bundle, prompt, memory_budget, max_context, backend, threads, raw, truncate, show_reasoning, as_json,
+            **kw):
+    """Generate a reply to PROMPT with BUNDLE."""
+    model = _load(bundle, memory_budget, max_context, backend, threads)
+    args = _sampling(kw)
+    target = {"prompt": prompt} if raw or not model.codec.has_chat_template else {
+        "messages": model.chat_prompt(prompt)}
+    if as_json:
+        result = model.generate(**target, truncate=truncate, **args)
+        echo_json(result.to_dict())
+        return
+    result = _stream_to_terminal(model.stream(**target, truncate=truncate, **args), show_reasoning)
+    click.echo(f"[{result.prompt_tokens} prompt + {result.completion_tokens} tokens, ttft {result.ttft_ms:.0f} ms, "
+               f"{result.decode_tok_s:.1f} tok/s, {result.finish_reason}]", err=True)
+
+
+def _stream_to_terminal(events, show_reasoning: bool):
+    tty = sys.stderr.isatty()
+    in_reasoning = False
+    result = None
+    for event in events:
+        if event.kind == "reasoning" and show_reasoning:
+            if not in_reasoning:
+                in_reasoning = True
+                click.echo(DIM if tty else "", nl=False, err=True)
+            click.echo(event.text, nl=False, err=True)
+        elif event.kind == "answer":
+            if in_reasoning:
+                in_reasoning = False
+                click.echo((RESET if tty else "") + "\n", nl=False, err=True)
+            click.echo(event.text, nl=False)
+        elif event.kind == "done":
+            result = event.result
+    if in_reasoning:
+        click.echo(RESET if tty else "", nl=False, err=True)
+    click.echo("")
+    return result
+
+
+@cli.command("chat")
+@_load_options
+@_sampling_options
+@click.option("--hide-reasoning", is_flag=True, help="Do not show the model's reasoning.")
+def chat_cmd(bundle, memory_budget, max_context, backend, threads, hide_reasoning, **kw):
+    """Talk to BUNDLE interactively. /reset clears the conversation, /exit (or Ctrl-D) quits."""
+    model = _load(bundle, memory_budget, max_context, backend, threads)
+    args = _sampling(kw)
+    if not model.codec.has_chat_template:
+        raise click.UsageError("this bundle has no chat template: use `edgekit run --raw` instead")
+    history: list[dict] = []
+    click.echo(f"edgekit chat: {model.spec.name or bundle} (context {model.max_context}). /reset clears, /exit quits.",
+               err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo("", err=True)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return
+        if text == "/reset":
+            history.clear()
+            click.echo("(conversation cleared)", err=True)
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            result = _stream_to_terminal(model.stream(messages=history, truncate=True, **args), not hide_reasoning)
+        except KeyboardInterrupt:
+            history.pop()
+            click.echo("\n(interrupted)", err=True)
+            continue
+        # R1 guidance: earlier turns keep only the answer, not the thought.
+        history.append({"role": "assistant", "content": result.answer})
+
+
+@cli.command("bench")
+@_load_options
+@click.option("--prompt-tokens", default="32,512", show_default=True, help="Comma-separated prompt lengths.")
+@click.option("--new-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--ignore-eos", is_flag=True, help="Always generate --new-tokens tokens (comparable runs).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_cmd(bundle, memory_budget, max_context, backend, threads, prompt_tokens, new_tokens, runs, ignore_eos,
+              as_json):
+    """Time to first token, decode tok/s and peak memory for BUNDLE (medians over --runs)."""
+    from ..bench import bench
+
+    try:
+        lengths = [int(x) for x in prompt_tokens.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("give comma-separated whole numbers, e.g. 32,512", param_hint="--prompt-tokens")
+    if not lengths or min(lengths) < 1:
+        raise click.BadParameter("give comma-separated whole numbers >= 1, e.g. 32,512", param_hint="--prompt-tokens")
+    model = _load(bundle, memory_budget, max_context, backend, threads)
+    cases = bench(model, lengths, new_tokens, runs, ignore_eos=ignore_eos)
+    if as_json:
+        echo_json({"bundle": str(bundle), "threads": threads, "cases": [c.to_dict() for c in cases]})
+        return
+    click.echo(f"{'prompt':>7} {'new':>5} {'ttft ms':>9} {'±':>6} {'decode tok/s':>13} {'±':>6} {'peak RSS MiB':>13}")
+    for c in cases:
+        click.echo(f"{c.prompt_tokens:>7} {c.generated:>5} {c.ttft_ms:>9.1f} {c.ttft_ms_spread:>6.1f} "
+                   f"{c.decode_tok_s:>13.1f} {c.decode_tok_s_spread:>6.1f} {c.peak_rss_mib:>13.0f}")
