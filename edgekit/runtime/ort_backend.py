@@ -63,14 +63,18 @@ class OrtDecoder:
             shape = (1, Hkv, capacity, D)                                  # (batch, kv_heads, capacity, head_dim)
             self.cache = {f"{kind}_{i}": ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device)
                           for i in range(L) for kind in ("key", "value")}
-            self.logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab), np.float32, self.device)
+            logits_shape = next(o.shape for o in self.session.get_outputs() if o.name == "logits")
+            # A "last" graph has a fixed (1, 1, V) output that can be preallocated; an "all" one (tests, eval) cannot.
+            self.logits = (ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab), np.float32, self.device)
+                           if logits_shape[1] == 1 else None)
             self._seqlens = np.zeros(1, np.int32)
             self._total = np.zeros(1, np.int32)
             self.binding = self.session.io_binding()
             for name, value in self.cache.items():
                 self.binding.bind_ortvalue_input(f"past_{name}", value)
                 self.binding.bind_ortvalue_output(f"present_{name}", value)
-            self.binding.bind_ortvalue_output("logits", self.logits)
+            if self.logits is not None:
+                self.binding.bind_ortvalue_output("logits", self.logits)
         else:
             shape = (1, capacity, Hkv, D)                                  # (batch, capacity, kv_heads, head_dim)
             self.cache = {f"{kind}_{i}": np.zeros(shape, self.dtype) for i in range(L) for kind in ("key", "value")}
@@ -99,8 +103,13 @@ class OrtDecoder:
             self.binding.bind_cpu_input("input_ids", ids)
             self.binding.bind_cpu_input("seqlens_k", self._seqlens)
             self.binding.bind_cpu_input("total_sequence_length", self._total)
+            if self.logits is None:  # its shape changes with S: let onnxruntime allocate it afresh
+                self.binding.bind_output("logits", self.device)
             self.session.run_with_iobinding(self.binding)
-            logits = self.logits.numpy()[0, -1]  # a view on CPU: valid until the next step
+            if self.logits is not None:
+                logits = self.logits.numpy()[0, -1]  # a view on CPU: valid until the next step
+            else:
+                logits = self.binding.get_outputs()[-1].numpy()[0, -1]
         else:
             p = self.position
             feeds = {"input_ids": ids, **{f"past_{n}": c[:, :p] for n, c in self.cache.items()}}
