@@ -1,1 +1,1 @@
-"""Device descriptions, one TOML file per target; loaded by :mod:`edgekit.targets_registry`."""
+"""Device descriptions, one TOML file per target; loaded by :mod:`edgekit.target`."""

@@ -1,0 +1,133 @@
+"""``edgekit targets`` and ``edgekit plan``: which devices exist, and will a model fit one."""
+
+from __future__ import annotations
+
+import click
+
+from . import cli, echo_json
+from ..errors import UserInputError
+from ..units import fmt_bytes, parse_size
+
+DEFAULT_PRECISION = "int4"     # the smallest faithful choice on every target (GPU, Jetson and CPU)
+DEFAULT_CONTEXT = 4096
+
+
+@cli.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print the targets as a JSON list.")
+def targets_cmd(as_json: bool) -> None:
+    """List the device targets edgekit can plan and build for."""
+    from ..target import list_targets
+
+    targets = list_targets()
+    if as_json:
+        echo_json([t.to_dict() for t in targets])
+        return
+    rows = [[t.name, ", ".join(t.aliases) or "-", t.kind,
+             f"{fmt_bytes(t.total_memory_bytes)}{' unified' if t.unified_memory and t.kind != 'cpu' else ''}",
+             fmt_bytes(t.budget_bytes), f"{t.bandwidth_gbs:g} GB/s", t.sm or "-",
+             ", ".join(b.name + ("*" if b.name == t.default_backend else "") for b in t.backends)]
+            for t in targets]
+    _table(["name", "aliases", "kind", "memory", "budget", "bandwidth", "SM", "backends (*default)"], rows)
+
+
+@cli.command("plan")
+@click.argument("model")
+@click.option("--target", "-t", "target_name", required=True, metavar="T",
+              help="Device target (see `edgekit targets`), or the path of a .toml target file.")
+@click.option("--precision", "-p", default=DEFAULT_PRECISION, show_default=True, metavar="P",
+              help="Weight precision: int4, int8, fp8, fp16, bf16 or fp32.")
+@click.option("--context", "-c", "context_text", default=None, metavar="N",
+              help=f"Context length in tokens, e.g. 4096 or 32k [default: {DEFAULT_CONTEXT}, capped at the "
+                   "model's maximum].")
+@click.option("--backend", "-b", default=None, metavar="B",
+              help="tensorrt, onnxruntime-cuda or onnxruntime-cpu [default: the target's].")
+@click.option("--budget", "budget_text", default=None, metavar="SIZE",
+              help="Memory budget instead of the target's default, e.g. 3.5GiB.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@click.pass_context
+def plan_cmd(ctx: click.Context, model: str, target_name: str, precision: str, context_text: str | None,
+             backend: str | None, budget_text: str | None, as_json: bool) -> None:
+    """Will MODEL fit the target's memory? MODEL is a folder with config.json, a .gguf file, a hub id or
+    `smollm2`. Exits 0 when it fits, 3 when it does not, 2 on bad input."""
+    from ..plan import plan
+    from ..sources import resolve
+    from ..target import check_combination, load_target
+
+    target = load_target(target_name)
+    precision = precision.strip().lower()
+    check_combination(target, backend, precision)          # fail before reading the model
+    budget = parse_size(budget_text) if budget_text is not None else None
+    source = resolve(model, config_only=True)
+    spec = source.spec
+    context = (min(DEFAULT_CONTEXT, spec.max_position_embeddings) if context_text is None
+               else _parse_context(context_text))
+    result = plan(spec, target, precision=precision, context=context, backend=backend, budget=budget)
+
+    if as_json:
+        d = result.to_dict()
+        d["model"] = spec.name or source.display
+        echo_json(d)
+    else:
+        _print_plan(result, spec, source.display)
+    if not result.fits:
+        ctx.exit(3)
+
+
+def _parse_context(text: str) -> int:
+    t = text.strip().lower()
+    scale = 1024 if t.endswith("k") else 1
+    digits = t[:-1] if scale > 1 else t
+    if not digits.isdigit() or int(digits) == 0:
+        raise UserInputError(f"invalid context {text!r}: give a positive number of tokens, e.g. 4096 or 32k")
+    return int(digits) * scale
+
+
+def _print_plan(p, spec, display: str) -> None:
+    name = spec.name or display
+    click.echo(f"{name} ({spec.family}, {p.parameters:,} parameters) on {p.target}: "
+               f"{p.backend}, {p.precision}, context {p.context}")
+    rows = [[w.name, fmt_bytes(w.bytes), w.source] for w in p.weights]
+    rows.append([p.kv.name, fmt_bytes(p.kv.bytes), p.kv.source])
+    rows += [[f"workspace: {w.name}", fmt_bytes(w.bytes), w.source] for w in p.workspace]
+    rows.append([p.overhead.name, fmt_bytes(p.overhead.bytes), p.overhead.source])
+    rows.append(["total", fmt_bytes(p.total_bytes), "sum of the lines above"])
+    rows.append(["budget", fmt_bytes(p.budget_bytes), p.budget.source])
+    rows.append(["largest allocation", fmt_bytes(p.largest_allocation.bytes),
+                 f"{p.largest_allocation.name}: {p.largest_allocation.source}"])
+    rows.append(["decode speed bound", f"{p.decode_tokens_per_s:.0f} tok/s",
+                 "memory bandwidth / bytes read per token (weights + full KV cache); an upper bound"])
+    _table(["", "size", "where it comes from"], rows)
+    share = 100 * p.total_bytes / p.budget_bytes
+    if p.fits:
+        click.echo(f"fits: {fmt_bytes(p.total_bytes)} of the {fmt_bytes(p.budget_bytes)} budget ({share:.0f}%); "
+                   f"largest context that fits at {p.precision}: {p.max_context}")
+    else:
+        if p.max_context:
+            ctx_text = f"largest context that fits at {p.precision}: {p.max_context}"
+        else:
+            ctx_text = f"no context fits at {p.precision}"
+        alt = (f"{p.fitting_precision} would fit at context {p.context}" if p.fitting_precision
+               else f"no precision of {p.backend} fits at context {p.context}")
+        click.echo(f"does not fit: needs {fmt_bytes(p.total_bytes)}, budget {fmt_bytes(p.budget_bytes)} "
+                   f"({share:.0f}%); {ctx_text}; {alt}")
+    for w in p.warnings:
+        click.echo(f"warning: {w}")
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    """A table with rich when it is installed (the build extra), plain aligned text otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+        for r in [headers, *rows]:
+            click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        return
+    table = Table(*headers, box=None, pad_edge=False, header_style="bold")
+    for r in rows:
+        table.add_row(*r)
+    console = Console()
+    if not console.is_terminal:       # piped or captured: do not squeeze the sources into 80 columns
+        console = Console(width=200)
+    console.print(table)

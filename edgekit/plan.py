@@ -1,0 +1,243 @@
+"""The memory planner: will this model, at this precision and context, fit this device?
+
+``plan(spec, target, precision=..., context=...)`` adds up, without loading a weight:
+
+- weights at the precision (linears, embedding, LM head, norms and biases; see :mod:`edgekit.precision`),
+- the static KV cache for the whole context (the runtime allocates it once, up front),
+- the workspace of one prefill step (activations of one layer for one chunk of prompt tokens, the
+  fp32 attention scores of that chunk against the whole context, the last token's logits),
+- the backend's fixed overhead (CUDA context, TensorRT/cuBLAS libraries...), from the target file,
+
+and compares the sum with the target's budget. Every number carries a short ``source`` saying how it was
+counted, so a table can show its working. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserInputError
+from .precision import DTYPE_BYTES, PRECISIONS, compute_dtype, weight_bytes
+from .spec import ModelSpec
+from .target import Target, check_combination
+from .units import fmt_bytes
+
+SCORE_DTYPE = "fp32"      # attention scores and softmax run in fp32 for accuracy, whatever the weights
+LOGITS_DTYPE = "fp32"
+NEAR_FULL = 0.9           # warn above this share of the budget
+
+
+@dataclass(frozen=True)
+class Line:
+    """One number of a plan: what it is, its bytes, and where it comes from."""
+
+    name: str
+    bytes: int
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "bytes": self.bytes, "source": self.source}
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    target: str
+    backend: str
+    precision: str
+    context: int
+    prefill_chunk: int
+    parameters: int
+    kv_dtype: str
+    kv_bytes_per_token: int
+    weights: tuple[Line, ...]         # linears, embedding, lm_head, small
+    kv: Line
+    workspace: tuple[Line, ...]       # hidden states, MLP, attention scores, logits
+    overhead: Line
+    budget: Line
+    largest_allocation: Line
+    fits: bool
+    max_context: int                  # largest context that fits (capped at the model's maximum); 0: none
+    fitting_precision: str | None     # when it does not fit: the most faithful precision that would
+    decode_tokens_per_s: float        # memory-bandwidth upper bound at the full context
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(w.bytes for w in self.weights)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv.bytes
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(w.bytes for w in self.workspace)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self.overhead.bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.workspace_bytes + self.overhead_bytes
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.budget.bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "target": self.target, "backend": self.backend, "precision": self.precision,
+            "context": self.context, "prefill_chunk": self.prefill_chunk,
+            "parameters": self.parameters,
+            "weights_bytes": self.weights_bytes, "kv_bytes": self.kv_bytes,
+            "workspace_bytes": self.workspace_bytes, "overhead_bytes": self.overhead_bytes,
+            "total_bytes": self.total_bytes, "budget_bytes": self.budget_bytes,
+            "fits": self.fits, "max_context": self.max_context, "fitting_precision": self.fitting_precision,
+            "kv_dtype": self.kv_dtype, "kv_bytes_per_token": self.kv_bytes_per_token,
+            "largest_allocation": self.largest_allocation.name,
+            "largest_allocation_bytes": self.largest_allocation.bytes,
+            "decode_tokens_per_s_bound": round(self.decode_tokens_per_s, 1),
+            "breakdown": {
+                "weights": [w.to_dict() for w in self.weights],
+                "kv_cache": self.kv.to_dict(),
+                "workspace": [w.to_dict() for w in self.workspace],
+                "overhead": self.overhead.to_dict(),
+                "budget": self.budget.to_dict(),
+                "largest_allocation": self.largest_allocation.to_dict(),
+            },
+            "warnings": list(self.warnings),
+        }
+
+
+def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backend: str | None = None,
+         budget: int | None = None) -> Plan:
+    """Plan ``spec`` on ``target``. ``budget`` (bytes) replaces the target's default budget."""
+    chosen = check_combination(target, backend, precision)
+    if not isinstance(context, int) or context < 1:
+        raise UserInputError(f"invalid context {context!r}: give a positive number of tokens, e.g. 4096")
+    if context > spec.max_position_embeddings:
+        raise UserInputError(
+            f"context {context} is longer than {spec.name or 'the model'} supports "
+            f"({spec.max_position_embeddings} positions): use a context of at most {spec.max_position_embeddings}")
+    if budget is not None and budget <= 0:
+        raise UserInputError(f"invalid budget {budget!r}: give a positive number of bytes, e.g. 3.5GiB")
+    device = chosen.device
+    budget_line = (Line("budget", budget, "given by the caller") if budget is not None else
+                   Line("budget", target.budget_bytes, target.budget_source))
+
+    weights = weight_bytes(spec, precision, device)
+    act = compute_dtype(precision, device)
+    kv_per_token = spec.kv_bytes_per_token(act)
+    chunk = min(target.prefill_chunk, context)
+    work = _workspace(spec, act, chunk, context)
+    overhead = Line("runtime overhead", chosen.overhead_bytes, f"{chosen.name} on {target.name}: "
+                    f"{chosen.overhead_source}")
+    kv = Line("KV cache", kv_per_token * context,
+              f"2 (K, V) x {spec.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_dim} head_dim "
+              f"x {act} = {kv_per_token:,} B/token x {context} tokens (static, allocated up front)")
+    weight_lines = (
+        Line("linear weights", weights.linears, weights.sources["linears"]),
+        Line("embedding", weights.embedding, weights.sources["embedding"]),
+        Line("LM head", weights.lm_head, weights.sources["lm_head"]),
+        Line("norms and biases", weights.small, weights.sources["small"]),
+    )
+    total = weights.total + kv.bytes + sum(w.bytes for w in work) + overhead.bytes
+    fits = total <= budget_line.bytes
+
+    def total_at(p: str, ctx: int) -> int:
+        w = weight_bytes(spec, p, device).total
+        a = compute_dtype(p, device)
+        ws = sum(x.bytes for x in _workspace(spec, a, min(target.prefill_chunk, ctx), ctx))
+        return w + spec.kv_bytes_per_token(a) * ctx + ws + overhead.bytes
+
+    max_context = _max_context(lambda ctx: total_at(precision, ctx) <= budget_line.bytes,
+                               spec.max_position_embeddings)
+    fitting = None
+    if not fits:
+        for p in PRECISIONS:    # most faithful first
+            if p != precision and p in chosen.precisions and total_at(p, context) <= budget_line.bytes:
+                fitting = p
+                break
+
+    largest = _largest_allocation(spec, weights.largest_tensor, act, chunk, context)
+    warnings = []
+    if target.kind == "jetson" and target.cma_bytes and largest.bytes > target.cma_bytes:
+        fix = "enlarge the pool (cma= on the kernel command line, then check CmaTotal in /proc/meminfo)"
+        int8_head = spec.vocab_size * spec.hidden_size        # int4/int8 store the LM head in int8
+        if precision not in ("int4", "int8") and int8_head <= target.cma_bytes \
+                and largest.name in ("LM head", "embedding"):
+            fix += " or use int4/int8, which store the LM head and embedding in int8"
+        warnings.append(
+            f"the largest single allocation ({largest.name}, {fmt_bytes(largest.bytes)}) exceeds the "
+            f"{fmt_bytes(target.cma_bytes)} CMA pool of {target.name}: allocations this large have failed "
+            f"with NvMapMemAllocInternalTagged error 12 even with enough free memory; {fix}")
+    if fits and total > NEAR_FULL * budget_line.bytes:
+        warnings.append(f"uses {100 * total / budget_line.bytes:.0f}% of the budget: little headroom for "
+                        "other processes or a longer context")
+
+    # Each decoded token reads every weight once (the embedding only one row, unless it is also the LM
+    # head) and the whole KV cache at full context: bandwidth / bytes is an upper bound on tokens/s.
+    read = weights.linears + weights.small + (weights.lm_head or weights.embedding) + kv.bytes
+    decode = target.bandwidth_gbs * 1e9 / read
+
+    return Plan(
+        model=spec.name, target=target.name, backend=chosen.name, precision=precision, context=context,
+        prefill_chunk=chunk, parameters=spec.parameters, kv_dtype=act, kv_bytes_per_token=kv_per_token,
+        weights=weight_lines, kv=kv, workspace=work, overhead=overhead, budget=budget_line,
+        largest_allocation=largest, fits=fits, max_context=max_context, fitting_precision=fitting,
+        decode_tokens_per_s=decode, warnings=tuple(warnings),
+    )
+
+
+def _workspace(spec: ModelSpec, act: str, chunk: int, context: int) -> tuple[Line, ...]:
+    """Buffers of one prefill step of ``chunk`` tokens against ``context`` positions.
+
+    An upper bound: the buffers of one layer are counted as if all were live at once (the runtime reuses
+    them layer after layer, so only one layer's worth exists).
+    """
+    a = DTYPE_BYTES[act]
+    h, i = spec.hidden_size, spec.intermediate_size
+    hidden_width = 2 * h + 2 * spec.q_size + 2 * spec.kv_size     # residual, normed, q, k, v, attention out
+    s = DTYPE_BYTES[SCORE_DTYPE]
+    return (
+        Line("hidden states", int(chunk * hidden_width * a),
+             f"chunk {chunk} x (residual {h} + normed {h} + q {spec.q_size} + k, v 2x{spec.kv_size} "
+             f"+ attention out {spec.q_size}) x {act}"),
+        Line("MLP intermediates", int(chunk * 3 * i * a),
+             f"chunk {chunk} x 3 (gate, up, gate*up) x {i} x {act}"),
+        Line("attention scores", int(chunk * context * spec.num_heads * s),
+             f"chunk {chunk} x context {context} x {spec.num_heads} heads x {SCORE_DTYPE}"),
+        Line("logits", int(spec.vocab_size * DTYPE_BYTES[LOGITS_DTYPE]),
+             f"last token only: {spec.vocab_size} x {LOGITS_DTYPE}"),
+    )
+
+
+def _largest_allocation(spec: ModelSpec, weight: tuple[str, int], act: str, chunk: int, context: int) -> Line:
+    """The single largest contiguous buffer: a weight, one layer's K (or V) cache, or the score buffer."""
+    kv_one = context * spec.kv_size * DTYPE_BYTES[act]           # (1, kv_heads, context, head_dim) of one layer
+    scores = chunk * context * spec.num_heads * DTYPE_BYTES[SCORE_DTYPE]
+    candidates = [
+        Line(weight[0].replace("lm_head", "LM head"), weight[1], "values of the largest weight tensor"),
+        Line("K cache of one layer", int(kv_one), f"1 x {spec.num_kv_heads} x {context} x {spec.head_dim} x {act}"),
+        Line("attention scores", int(scores), f"{chunk} x {context} x {spec.num_heads} heads x fp32"),
+    ]
+    return max(candidates, key=lambda line: line.bytes)
+
+
+def _max_context(fits_at, cap: int) -> int:
+    """Largest context in [1, cap] for which ``fits_at`` holds (memory grows with the context); 0 if none."""
+    if not fits_at(1):
+        return 0
+    if fits_at(cap):
+        return cap
+    lo, hi = 1, cap           # fits_at(lo) and not fits_at(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits_at(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,409 @@
+"""Device targets: one TOML file per device in ``targets/`` (packaged as ``edgekit.targets``), read into
+frozen :class:`Target` objects, and the one capability table that says which backend runs which precision.
+
+A target is data, not code: memory, the usable budget and why, each backend's fixed overhead and why,
+bandwidth, compute capability, CMA pool, software stack. Adding a device is adding a file; a user can also
+give the path of their own ``.toml`` wherever a target name is accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import UnknownTarget, UnsupportedPrecision, UserInputError
+from .precision import PRECISIONS, PRECISIONS_SMALL_FIRST
+from .units import GiB, parse_size
+
+# Backend name -> where it computes. onnxruntime-cpu on a Jetson still uses the same (unified) memory.
+BACKENDS: dict[str, str] = {"tensorrt": "gpu", "onnxruntime-cuda": "gpu", "onnxruntime-cpu": "cpu"}
+KINDS = ("jetson", "desktop-gpu", "cpu")
+
+# What each backend can run at all, whatever the device; the TOML files list a subset.
+BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "tensorrt": PRECISIONS,
+    "onnxruntime-cuda": ("fp32", "fp16", "bf16", "int8", "int4"),
+    # onnxruntime's CPU kernels compute in fp32; int8/int4 are weight-only MatMuls that dequantize to fp32.
+    "onnxruntime-cpu": ("fp32", "int8", "int4"),
+}
+
+
+@dataclass(frozen=True)
+class _HardwareRule:
+    precision: str
+    min_sm: tuple[int, int]
+    reason: str
+    excluded: tuple[tuple[str, str], ...] = ()     # (target kind, backend) pairs that lack it anyway
+
+
+# Hardware facts every target file must agree with; check_combination quotes the reason.
+HARDWARE_RULES: dict[str, _HardwareRule] = {
+    "fp8": _HardwareRule("fp8", (8, 9), "FP8 needs SM 8.9 or newer: Ada, Hopper, Blackwell"),
+    "bf16": _HardwareRule("bf16", (8, 0), "BF16 needs SM 8.0 or newer, and TensorRT 10.3 on Orin (SM 8.7) "
+                          "has no BF16 kernels", excluded=(("jetson", "tensorrt"),)),
+}
+_CPU_REASON = "onnxruntime's CPU kernels compute in fp32"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend on one target: the precisions it runs there and its fixed memory overhead."""
+
+    name: str
+    precisions: tuple[str, ...]
+    overhead_bytes: int
+    overhead_source: str
+
+    @property
+    def device(self) -> str:
+        return BACKENDS[self.name]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    aliases: tuple[str, ...]
+    description: str
+    kind: str                                   # jetson | desktop-gpu | cpu
+    total_memory_bytes: int
+    total_memory_source: str
+    unified_memory: bool                        # Jetson: CPU and GPU share one DRAM
+    budget_bytes: int                           # what edgekit may plan to use by default
+    budget_source: str
+    bandwidth_gbs: float                        # memory bandwidth, GB/s (10^9 bytes)
+    bandwidth_source: str
+    compute_capability: tuple[int, int] | None  # None for the cpu target
+    cma_bytes: int                              # Jetson contiguous-memory pool; 0 elsewhere
+    cma_source: str
+    software: tuple[tuple[str, str], ...]       # (component, version) pairs
+    backends: tuple[Backend, ...]
+    default_backend: str
+    prefill_chunk: int                          # prompt tokens the runtime processes per step
+    prefill_chunk_source: str
+
+    @property
+    def sm(self) -> str | None:
+        """``"8.7"`` (or None without a GPU)."""
+        cc = self.compute_capability
+        return f"{cc[0]}.{cc[1]}" if cc else None
+
+    @property
+    def hardware(self) -> str:
+        """How error messages name the hardware: ``SM 8.7`` or ``no GPU``."""
+        return f"SM {self.sm}" if self.sm else "no GPU"
+
+    def backend(self, name: str | None = None) -> Backend:
+        name = name or self.default_backend
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise UserInputError(
+            f"backend {name!r} is not available on {self.name}: use one of {', '.join(self.backend_names)}")
+
+    @property
+    def backend_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.backends)
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Every precision some backend of this target runs, smallest first."""
+        have = {p for b in self.backends for p in b.precisions}
+        return tuple(p for p in PRECISIONS_SMALL_FIRST if p in have)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "aliases": list(self.aliases), "description": self.description, "kind": self.kind,
+            "total_memory_bytes": self.total_memory_bytes, "total_memory_source": self.total_memory_source,
+            "unified_memory": self.unified_memory,
+            "budget_bytes": self.budget_bytes, "budget_source": self.budget_source,
+            "bandwidth_gbs": self.bandwidth_gbs, "bandwidth_source": self.bandwidth_source,
+            "compute_capability": self.sm,
+            "cma_bytes": self.cma_bytes, "cma_source": self.cma_source,
+            "software": dict(self.software),
+            "backends": [{"name": b.name, "precisions": list(b.precisions), "overhead_bytes": b.overhead_bytes,
+                          "overhead_source": b.overhead_source} for b in self.backends],
+            "default_backend": self.default_backend,
+            "prefill_chunk": self.prefill_chunk, "prefill_chunk_source": self.prefill_chunk_source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Target":
+        """Inverse of :meth:`to_dict` (what ``edgekit targets --json`` prints)."""
+        d = dict(d)
+        cc = d.pop("compute_capability")
+        return cls(
+            **{k: v for k, v in d.items() if k not in ("aliases", "software", "backends")},
+            aliases=tuple(d["aliases"]),
+            compute_capability=_parse_sm(cc) if cc else None,
+            software=tuple((str(k), str(v)) for k, v in d["software"].items()),
+            backends=tuple(Backend(b["name"], tuple(b["precisions"]), b["overhead_bytes"], b["overhead_source"])
+                           for b in d["backends"]),
+        )
+
+
+# ----- the capability table ----------------------------------------------------------------------
+def check_combination(target: Target, backend: str | None, precision: str) -> Backend:
+    """The backend that will run ``precision`` on ``target``, or a one-line error naming valid choices.
+
+    ``backend=None`` means the target's default backend, or else the first of its backends that runs the
+    precision. Called before any work starts, so an impossible build fails in milliseconds.
+    """
+    if precision not in PRECISIONS:
+        raise UnsupportedPrecision(
+            f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS_SMALL_FIRST)}")
+    if backend is not None and backend not in BACKENDS:
+        raise UserInputError(f"unknown backend {backend!r}: use one of {', '.join(target.backend_names)} "
+                             f"on {target.name}")
+    if backend is not None:
+        chosen = target.backend(backend)
+        if precision in chosen.precisions:
+            return chosen
+        others = [b.name for b in target.backends if precision in b.precisions]
+        if others:
+            raise UnsupportedPrecision(
+                f"{precision} is not supported by {backend} on {target.name}: use one of "
+                f"{_small_first(chosen.precisions)} with {backend}, or backend {others[0]} for {precision}")
+    else:
+        ordered = sorted(target.backends, key=lambda b: b.name != target.default_backend)
+        for b in ordered:
+            if precision in b.precisions:
+                return b
+    valid = target.precisions if backend is None else _small_first(target.backend(backend).precisions).split(", ")
+    reason = _why_not(target, backend, precision)
+    raise UnsupportedPrecision(
+        f"{precision} is not supported on {target.name} ({target.hardware}): use one of {', '.join(valid)}"
+        + (f" ({reason})" if reason else ""))
+
+
+def _why_not(target: Target, backend: str | None, precision: str) -> str:
+    rule = HARDWARE_RULES.get(precision)
+    if target.compute_capability is None or (backend and BACKENDS[backend] == "cpu"):
+        return _CPU_REASON if precision in ("fp16", "bf16", "fp8") else ""
+    if rule and not _rule_allows(rule, target, backend or target.default_backend):
+        return rule.reason
+    return ""
+
+
+def _rule_allows(rule: _HardwareRule, target: Target, backend: str) -> bool:
+    if BACKENDS[backend] == "cpu":
+        return True
+    cc = target.compute_capability
+    return cc is not None and cc >= rule.min_sm and (target.kind, backend) not in rule.excluded
+
+
+def _small_first(precisions: tuple[str, ...]) -> str:
+    return ", ".join(p for p in PRECISIONS_SMALL_FIRST if p in precisions)
+
+
+# ----- loading -----------------------------------------------------------------------------------
+def load_target(name: str) -> Target:
+    """The target called ``name`` (or one of its aliases), or the target described by a ``.toml`` path."""
+    text = str(name).strip()
+    if text.lower().endswith(".toml"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise UnknownTarget(f"no such target file {text!r}: give an existing .toml file or one of "
+                                f"{', '.join(t.name for t in list_targets())}")
+        return _parse_file(path.read_bytes(), str(path))
+    key = text.lower().replace("_", "-")
+    targets = _packaged()
+    by_name = {t.name: t for t in targets.values()}
+    for t in targets.values():
+        by_name.update({a: t for a in t.aliases})
+    if key in by_name:
+        return by_name[key]
+    close = difflib.get_close_matches(key, list(by_name), n=2, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise UnknownTarget(f"unknown target {text!r}: {hint}valid targets: {', '.join(sorted(targets))} "
+                        "(or the path of a .toml target file)")
+
+
+def list_targets() -> list[Target]:
+    """Every packaged target: Jetsons, then desktop GPUs, then the CPU; smaller memory first."""
+    return sorted(_packaged().values(),
+                  key=lambda t: (KINDS.index(t.kind), t.total_memory_bytes, t.bandwidth_gbs, t.name))
+
+
+@lru_cache(maxsize=1)
+def _packaged() -> dict[str, Target]:
+    from importlib.resources import files
+
+    targets: dict[str, Target] = {}
+    folder = files("edgekit.targets")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".toml"):
+            continue
+        t = _parse_file(entry.read_bytes(), f"targets/{entry.name}")
+        if t.name != entry.name[:-5]:
+            _malformed(f"targets/{entry.name}", f"name {t.name!r} differs from the file name")
+        targets[t.name] = t
+    seen: dict[str, str] = {}
+    for t in targets.values():
+        for key in (t.name, *t.aliases):
+            if key in seen and seen[key] != t.name:
+                _malformed(f"targets/{t.name}.toml", f"{key!r} is also a name or alias of {seen[key]}")
+            seen[key] = t.name
+    return targets
+
+
+def _parse_file(data: bytes, source: str) -> Target:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10 (JetPack 6)
+        import tomli as tomllib
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        _malformed(source, f"not valid TOML ({e})")
+    return parse_target(doc, source)
+
+
+def _malformed(source: str, what: str):
+    raise UserInputError(f"target file {source} is malformed: {what}; fix it (targets/orin-nano-8gb.toml "
+                         "shows every field)")
+
+
+_TOP_KEYS = {"name", "aliases", "description", "kind", "compute_capability", "default_backend", "prefill_chunk",
+             "prefill_chunk_source", "memory", "software", "backends"}
+_MEMORY_KEYS = {"total", "total_source", "unified", "budget", "budget_source", "bandwidth_gbs",
+                "bandwidth_source", "cma", "cma_source"}
+_BACKEND_KEYS = {"precisions", "overhead", "overhead_source"}
+
+
+def parse_target(doc: dict[str, Any], source: str = "the target file") -> Target:
+    """Validate one parsed TOML document and build the Target; every mistake is a one-line error."""
+    def need(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+        if key not in table:
+            _malformed(source, f"missing {where}{key}")
+        value = table[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            _malformed(source, f"{where}{key} has the wrong type ({type(value).__name__})")
+        return value
+
+    def unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
+        extra = sorted(set(table) - allowed)
+        if extra:
+            _malformed(source, f"unknown key {where}{extra[0]} (allowed: {', '.join(sorted(allowed))})")
+
+    def size(text: Any, where: str) -> int:
+        try:
+            return parse_size(text)
+        except UserInputError:
+            _malformed(source, f"{where} {text!r} is not a size such as \"8GiB\" or \"900MiB\"")
+
+    unknown(doc, _TOP_KEYS, "")
+    name = need(doc, "name", str)
+    kind = need(doc, "kind", str)
+    if kind not in KINDS:
+        _malformed(source, f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    cc_text = doc.get("compute_capability")
+    cc = _parse_sm(cc_text) if cc_text is not None else None
+    if cc_text is not None and cc is None:
+        _malformed(source, f"compute_capability {cc_text!r} is not like \"8.7\"")
+    if (cc is None) != (kind == "cpu"):
+        _malformed(source, "compute_capability is required for GPU targets and not allowed for the cpu kind")
+
+    mem = need(doc, "memory", dict)
+    unknown(mem, _MEMORY_KEYS, "memory.")
+    total_text = need(mem, "total", (str, int), "memory.")
+    if total_text == "host":
+        total, total_source = _host_memory()
+    else:
+        total, total_source = size(total_text, "memory.total"), need(mem, "total_source", str, "memory.")
+    budget_text = need(mem, "budget", (str, int), "memory.")
+    if isinstance(budget_text, str) and budget_text.strip().endswith("%"):
+        try:
+            fraction = float(budget_text.strip()[:-1]) / 100
+        except ValueError:
+            _malformed(source, f"memory.budget {budget_text!r} is not a percentage such as \"75%\"")
+        budget = int(total * fraction)
+    else:
+        budget = size(budget_text, "memory.budget")
+    if not 0 < budget <= total:
+        _malformed(source, f"memory.budget ({budget} bytes) must be positive and at most memory.total ({total})")
+    unified = need(mem, "unified", bool, "memory.")
+    if kind == "jetson" and not unified:
+        _malformed(source, "a jetson target has unified memory: set memory.unified = true")
+    bandwidth = need(mem, "bandwidth_gbs", (int, float), "memory.")
+    if bandwidth <= 0:
+        _malformed(source, "memory.bandwidth_gbs must be positive")
+    cma = size(mem["cma"], "memory.cma") if "cma" in mem else 0
+    if cma and kind != "jetson":
+        _malformed(source, "memory.cma applies to jetson targets only")
+
+    software = need(doc, "software", dict)
+    if not all(isinstance(v, str) for v in software.values()):
+        _malformed(source, "every software version must be a string, e.g. cuda = \"12.6\"")
+
+    backends_doc = need(doc, "backends", dict)
+    if not backends_doc:
+        _malformed(source, "no backends: add at least [backends.onnxruntime-cpu]")
+    backends = []
+    for bname, b in backends_doc.items():
+        where = f"backends.{bname}."
+        if bname not in BACKENDS:
+            _malformed(source, f"unknown backend {bname!r} (known: {', '.join(BACKENDS)})")
+        if not isinstance(b, dict):
+            _malformed(source, f"backends.{bname} must be a table")
+        unknown(b, _BACKEND_KEYS, where)
+        precisions = need(b, "precisions", list, where)
+        for p in precisions:
+            if p not in BACKEND_PRECISIONS[bname]:
+                _malformed(source, f"{where}precisions: {bname} cannot run {p!r} "
+                                   f"(it runs {', '.join(BACKEND_PRECISIONS[bname])})")
+        if BACKENDS[bname] == "gpu" and cc is None:
+            _malformed(source, f"backend {bname} needs a GPU but the target has no compute_capability")
+        backends.append(Backend(bname, tuple(precisions), size(need(b, "overhead", (str, int), where),
+                                                               f"{where}overhead"),
+                                need(b, "overhead_source", str, where)))
+    default = need(doc, "default_backend", str)
+    if default not in backends_doc:
+        _malformed(source, f"default_backend {default!r} is not one of its backends ({', '.join(backends_doc)})")
+    chunk = need(doc, "prefill_chunk", int)
+    if chunk <= 0:
+        _malformed(source, "prefill_chunk must be a positive number of tokens")
+
+    target = Target(
+        name=name, aliases=tuple(need(doc, "aliases", list)) if "aliases" in doc else (),
+        description=need(doc, "description", str), kind=kind,
+        total_memory_bytes=total, total_memory_source=total_source, unified_memory=unified,
+        budget_bytes=budget, budget_source=need(mem, "budget_source", str, "memory."),
+        bandwidth_gbs=float(bandwidth), bandwidth_source=need(mem, "bandwidth_source", str, "memory."),
+        compute_capability=cc, cma_bytes=cma, cma_source=str(mem.get("cma_source", "")),
+        software=tuple(software.items()), backends=tuple(backends), default_backend=default,
+        prefill_chunk=chunk, prefill_chunk_source=need(doc, "prefill_chunk_source", str),
+    )
+    # The file must agree with the hardware facts (no FP8 claimed on an SM 8.7 board).
+    for b in target.backends:
+        for p in b.precisions:
+            rule = HARDWARE_RULES.get(p)
+            if rule and not _rule_allows(rule, target, b.name):
+                _malformed(source, f"backends.{b.name} lists {p} but {rule.reason}")
+    return target
+
+
+def _parse_sm(text: Any) -> tuple[int, int] | None:
+    parts = str(text).split(".")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def _host_memory() -> tuple[int, str]:
+    """Physical memory of this machine, lowered to the container's cgroup limit when there is one."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        source = "physical memory of this machine (sysconf)"
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB, "this machine's memory could not be read; assumed 16 GiB"
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit() and 0 < int(limit) < total:
+            total, source = int(limit), "memory limit of this container (cgroup memory.max)"
+    except OSError:
+        pass
+    return total, source
