@@ -1,0 +1,408 @@
+"""Read a GGUF file (llama.cpp's format): the ModelSpec from its metadata, its weights as float32 in Hugging
+Face orientation, its tokenizer, chat template and special tokens.
+
+Build-time only (the gguf package memory-maps the file; nothing is read until asked for). Three things make
+a GGUF differ from the Hugging Face checkpoint it was converted from, and are undone here:
+
+* dimensions are stored innermost first; read through the gguf package the arrays come out as
+  (out_features, in_features), the Hugging Face orientation, so no transpose is needed;
+* llama.cpp's converter permutes the rows of q and k of Llama models (to its interleaved rotary layout);
+  :meth:`GGUFReader.tensor` and :meth:`GGUFReader.raw` permute them back (``Architecture.gguf_permutes_qk``);
+* Llama-3 rotary scaling is not stored as ``rope_scaling`` settings but as a ``rope_freqs.weight`` tensor of
+  per-frequency divisors. The spec keeps ``rope_scaling=None`` and records the divisors in
+  ``spec.extras`` as ``("rope_freqs", (f0, f1, ...))`` (head_dim / 2 floats); the exporter passes them to
+  ``edgekit.export.rope`` as ``freq_factors``. The same tensor is also readable as "rope_freqs.weight".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..architectures import GGUF_WEIGHT_NAMES, Architecture, layer_name, lookup_gguf
+from ..errors import ModelFormatError, UnsupportedQuantType
+from ..spec import ModelSpec, spec_from_fields
+from . import gguf_tokenizer
+
+# The ggml types edgekit dequantizes (all through gguf.quants). Others in the format (Q8_1, Q8_K, the
+# integer types) are intermediate or non-weight types a model file does not use for its weights.
+SUPPORTED_QUANT_TYPES = (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
+)
+
+_MAGIC = b"GGUF"
+_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
+_FIX = "re-download the file, or re-convert it with llama.cpp's convert_hf_to_gguf.py"
+
+
+def spec_from_gguf(path: str | Path) -> ModelSpec:
+    """The ModelSpec of a GGUF file, from its metadata and tensor table only (no weight is read).
+
+    Raises ModelFormatError (not a GGUF, truncated, missing metadata or tensors), UnsupportedArchitecture
+    or UnsupportedQuantType, each one line naming the file.
+    """
+    path = Path(path)
+    return _inspect(_open(path), path)[0]
+
+
+class GGUFReader:
+    """The :class:`~edgekit.sources.WeightReader` of one GGUF file.
+
+    ``tensor(canonical, layer)`` returns a new float32 array per call; ``raw`` returns the stored blocks
+    without dequantizing. Both undo llama.cpp's q/k row permutation for Llama.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._gg = _open(self.path)
+        self.spec, self.arch = _inspect(self._gg, self.path)
+        self._tensors = {t.name: t for t in self._gg.tensors}
+        self._shapes = _expected_shapes(self.spec)
+        self._meta: dict[str, Any] | None = None
+        self._tokenizer: str | None = None
+        self._fingerprint: str | None = None
+
+    # ----- weights -------------------------------------------------------------------------------
+    def has(self, canonical: str, layer: int | None = None) -> bool:
+        return self._name(canonical, layer)[1] in self._live_tensors()
+
+    def tensor(self, canonical: str, layer: int | None = None) -> np.ndarray:
+        """float32, (out_features, in_features) for linear weights, a fresh writable array."""
+        from gguf.quants import dequantize
+
+        template, name = self._name(canonical, layer)
+        t = self._get(name)
+        _check_type(t, self.path)
+        try:
+            values = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise _unsupported(t, self.path) from None
+        # An F32 tensor comes back as a view of the file: copy it so callers own what they get.
+        values = np.array(values, dtype=np.float32, copy=True).reshape(_hf_shape(t))
+        return self._unpermute(template, values)
+
+    def raw(self, canonical: str, layer: int | None = None) -> tuple[str, np.ndarray, tuple[int, ...]]:
+        """``(qtype_name, blocks, shape)``: the stored bytes of a tensor, not dequantized.
+
+        ``shape`` is the logical Hugging Face shape, e.g. (out_features, in_features); ``blocks`` is uint8 of
+        shape ``shape[:-1] + (shape[-1] // block_size, type_size)`` (block_size 1 for F32/F16/BF16, whose
+        type_size is the element size), rows already in Hugging Face order. Read-only; it may be a view of
+        the memory-mapped file.
+        """
+        from gguf.constants import GGML_QUANT_SIZES
+
+        template, name = self._name(canonical, layer)
+        t = self._get(name)
+        _check_type(t, self.path)
+        shape = _hf_shape(t)
+        block_size, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        # (..., in_features // block_size, type_size) uint8
+        blocks = np.asarray(t.data).view(np.uint8).reshape(*shape[:-1], shape[-1] // block_size, type_size)
+        blocks = self._unpermute(template, blocks)
+        blocks.flags.writeable = False
+        return t.tensor_type.name, blocks, shape
+
+    def tensor_names(self) -> list[str]:
+        """The GGUF names of all tensors in the file, in file order."""
+        return list(self._live_tensors())
+
+    # ----- tokenizer -----------------------------------------------------------------------------
+    def tokenizer_json(self) -> str:
+        if self._tokenizer is None:
+            self._tokenizer = gguf_tokenizer.tokenizer_json(self._tokenizer_meta(), self.path.name)
+        return self._tokenizer
+
+    def chat_template(self) -> str | None:
+        template = self._tokenizer_meta().get("tokenizer.chat_template")
+        return template if isinstance(template, str) and template else None
+
+    def special_tokens(self) -> dict[str, Any]:
+        return gguf_tokenizer.special_tokens(self._tokenizer_meta(), self.path.name)
+
+    # ----- identity and lifetime -----------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 of the file's bytes (read in chunks; computed once)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            try:
+                with open(self.path, "rb") as f:
+                    while chunk := f.read(8 << 20):
+                        digest.update(chunk)
+            except OSError as e:
+                raise ModelFormatError(f"cannot read {self.path}: {e.strerror or e}") from None
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def close(self) -> None:
+        """Drop the memory map (arrays already returned stay valid)."""
+        self._gg = None
+        self._tensors = {}
+
+    def __enter__(self) -> "GGUFReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- internals -----------------------------------------------------------------------------
+    def _live_tensors(self) -> dict[str, Any]:
+        if self._gg is None:
+            raise ValueError(f"the GGUF reader of {self.path} is closed")
+        return self._tensors
+
+    def _name(self, canonical: str, layer: int | None) -> tuple[str, str]:
+        """(canonical template, GGUF name); accepts "layers.{i}.q.weight" + layer or "layers.3.q.weight"."""
+        m = _LAYER_NAME.match(canonical)
+        if m and layer is None:
+            canonical, layer = f"layers.{{i}}.{m.group(2)}", int(m.group(1))
+        return canonical, layer_name(GGUF_WEIGHT_NAMES, canonical, layer)
+
+    def _get(self, name: str) -> Any:
+        t = self._live_tensors().get(name)
+        if t is None:
+            raise ModelFormatError(f"{self.path.name} has no tensor {name!r}: the GGUF is incomplete; {_FIX}")
+        return t
+
+    def _unpermute(self, template: str, values: np.ndarray) -> np.ndarray:
+        if not self.arch.gguf_permutes_qk or template not in ("layers.{i}.q.weight", "layers.{i}.q.bias",
+                                                              "layers.{i}.k.weight", "layers.{i}.k.bias"):
+            return values
+        heads = self.spec.num_heads if ".q." in template else self.spec.num_kv_heads
+        return unpermute_qk(values, heads)
+
+    def _tokenizer_meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            gg = self._gg
+            if gg is None:
+                raise ValueError(f"the GGUF reader of {self.path} is closed")
+            self._meta = {k: _value(gg, k) for k in gg.fields if k.startswith("tokenizer.")}
+        return self._meta
+
+
+def unpermute_qk(values: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's Llama q/k row permutation (works on weights, biases and raw block arrays).
+
+    Within each head llama.cpp stores rotary pairs interleaved, row (head, i, half) at position
+    head*dim + 2*i + half; Hugging Face keeps the two halves apart, row head*dim + half*(dim/2) + i.
+    """
+    rows = values.shape[0]
+    # (heads, dim / 2, 2, ...) -> (heads, 2, dim / 2, ...)
+    grouped = values.reshape(heads, rows // heads // 2, 2, *values.shape[1:])
+    return np.ascontiguousarray(grouped.swapaxes(1, 2)).reshape(values.shape)
+
+
+# ----- opening and validating ----------------------------------------------------------------------
+def _open(path: Path) -> Any:
+    """A gguf.GGUFReader over the file, or a one-line ModelFormatError saying what is wrong with it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelFormatError(f"cannot read {path}: {e.strerror or e}") from None
+    if size == 0:
+        raise ModelFormatError(f"{path} is empty: {_FIX}")
+    if head != _MAGIC:
+        if len(head) < 4 and _MAGIC.startswith(head):
+            raise ModelFormatError(f"{path} is truncated ({size} bytes, not even a GGUF header): {_FIX}")
+        raise ModelFormatError(
+            f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF'): give a .gguf model file "
+            "or a Hugging Face model folder")
+    import gguf
+
+    try:
+        gg = gguf.GGUFReader(path)
+    except ValueError as e:
+        message = str(e)
+        if "GGMLQuantizationType" in message:
+            # "np.uint32(4) is not a valid GGMLQuantizationType" (numpy 2) or "4 is not ..." (numpy 1)
+            found = (re.findall(r"\d+", message.split(" is not", 1)[0]) or ["?"])[-1]
+            raise UnsupportedQuantType(
+                f"{path.name} has a tensor of ggml type id {found}, which the gguf package cannot read: edgekit "
+                f"reads {', '.join(SUPPORTED_QUANT_TYPES)}; requantize the model with llama.cpp (e.g. Q8_0 or "
+                "Q4_K_M)") from None
+        if message.startswith("Sorry, file appears to be version"):
+            version = message.split("version", 1)[1].split()[0]
+            raise ModelFormatError(
+                f"{path.name} is GGUF version {version}, which the installed gguf package cannot read (it reads "
+                "versions 2 and 3): upgrade gguf (pip install -U gguf), or re-convert the model") from None
+        raise _corrupt(path, size, e) from None
+    except (IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError, MemoryError) as e:
+        raise _corrupt(path, size, e) from None
+    # The gguf package slices tensor data lazily out of the memory map; make sure all of it is in the file.
+    for t in gg.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise ModelFormatError(
+                f"{path.name} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has {size}; "
+                f"{_FIX}")
+    return gg
+
+
+def _corrupt(path: Path, size: int, e: Exception) -> ModelFormatError:
+    # The gguf package's own errors are numpy internals; say which part of the file failed instead.
+    if "cannot reshape array" in str(e):
+        return ModelFormatError(f"{path.name} is truncated: its tensor data ends early (the file has {size} "
+                                f"bytes); {_FIX}")
+    return ModelFormatError(f"{path.name} is truncated or corrupt: its metadata or tensor table cannot be parsed "
+                            f"(the file has {size} bytes); {_FIX}")
+
+
+def _value(gg: Any, key: str) -> Any:
+    field = gg.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _hf_shape(t: Any) -> tuple[int, ...]:
+    # GGUF lists dimensions innermost first: (in_features, out_features) -> (out_features, in_features).
+    return tuple(int(d) for d in reversed(t.shape.tolist()))
+
+
+def _unsupported(t: Any, path: Path) -> UnsupportedQuantType:
+    return UnsupportedQuantType(
+        f"tensor {t.name!r} of {path.name} is stored as {t.tensor_type.name}, which edgekit cannot dequantize: "
+        f"supported are {', '.join(SUPPORTED_QUANT_TYPES)}; requantize the model with llama.cpp (e.g. Q8_0 "
+        "or Q4_K_M)")
+
+
+def _check_type(t: Any, path: Path) -> None:
+    if t.tensor_type.name not in SUPPORTED_QUANT_TYPES:
+        raise _unsupported(t, path)
+
+
+def _required(gg: Any, key: str, path: Path, kind: type) -> Any:
+    value = _value(gg, key)
+    if value is None:
+        raise ModelFormatError(f"{path.name} has no metadata key {key!r}: it is not a complete model file; {_FIX}")
+    if kind is str and isinstance(value, str):
+        return value
+    if kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return kind(value)
+    raise ModelFormatError(f"{path.name}: metadata key {key!r} is {value!r}, not a {kind.__name__}; {_FIX}")
+
+
+def _optional(gg: Any, key: str, path: Path, kind: type, default: Any = None) -> Any:
+    return default if _value(gg, key) is None else _required(gg, key, path, kind)
+
+
+def _source_dtype(gg: Any) -> str:
+    """The file's weight type in lower case: "fp32", "fp16", "bf16", or a llama.cpp file type ("q4_1", "q4_k_m")."""
+    import gguf
+
+    try:
+        name = gguf.LlamaFileType(int(_value(gg, "general.file_type"))).name
+        name = name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):
+        # No (or an unknown) file type: the type most 2-D tensors have.
+        kinds = Counter(t.tensor_type.name for t in gg.tensors if len(t.shape) == 2)
+        name = kinds.most_common(1)[0][0] if kinds else "F32"
+    name = name.lower()
+    return {"f32": "fp32", "f16": "fp16"}.get(name, name)
+
+
+def _inspect(gg: Any, path: Path) -> tuple[ModelSpec, Architecture]:
+    """The spec from metadata, after checking the tensors the exporter needs exist with the right shapes."""
+    arch = lookup_gguf(_required(gg, "general.architecture", path, str))
+    a = arch.gguf_name
+    hidden = _required(gg, f"{a}.embedding_length", path, int)
+    heads = _required(gg, f"{a}.attention.head_count", path, int)
+    if heads <= 0:
+        raise ModelFormatError(f"{path.name}: {a}.attention.head_count is {heads}; {_FIX}")
+    if _optional(gg, f"{a}.attention.key_length", path, int) is None and hidden % heads:
+        raise ModelFormatError(
+            f"{path.name}: embedding_length {hidden} is not a multiple of head_count {heads} and no "
+            f"{a}.attention.key_length gives the head size; {_FIX}")
+    head_dim = _optional(gg, f"{a}.attention.key_length", path, int, hidden // heads)
+    for key in (f"{a}.attention.value_length", f"{a}.rope.dimension_count"):
+        other = _optional(gg, key, path, int)
+        if other is not None and other != head_dim:
+            raise ModelFormatError(
+                f"{path.name}: {key} is {other} but the head size is {head_dim}: edgekit builds models whose "
+                "rotary and value size equal the head size")
+    names = {t.name for t in gg.tensors}
+    tokens = gg.fields.get("tokenizer.ggml.tokens")
+    vocab = _optional(gg, f"{a}.vocab_size", path, int, len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        raise ModelFormatError(
+            f"{path.name} has neither {a}.vocab_size nor tokenizer.ggml.tokens: its vocabulary size is "
+            f"unknown; {_FIX}")
+    extras: list[tuple[str, Any]] = []
+    scaling = _optional(gg, f"{a}.rope.scaling.type", path, str, "none")
+    if "rope_freqs.weight" in names:
+        t = next(t for t in gg.tensors if t.name == "rope_freqs.weight")
+        _check_type(t, path)
+        from gguf.quants import dequantize
+
+        extras.append(("rope_freqs", tuple(float(x) for x in dequantize(t.data, t.tensor_type).reshape(-1))))
+    elif scaling not in ("none", ""):
+        raise ModelFormatError(
+            f"{path.name} uses {scaling!r} rotary scaling: edgekit supports default and llama3 rotary scaling")
+    eos_ids = [_optional(gg, f"tokenizer.ggml.{k}_token_id", path, int) for k in ("eos", "eot", "eom")]
+    spec = spec_from_fields(
+        architecture=arch.name,
+        family=arch.family,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_required(gg, f"{a}.feed_forward_length", path, int),
+        num_layers=_required(gg, f"{a}.block_count", path, int),
+        num_heads=heads,
+        num_kv_heads=_optional(gg, f"{a}.attention.head_count_kv", path, int, heads),
+        head_dim=head_dim,
+        rms_norm_eps=_required(gg, f"{a}.attention.layer_norm_rms_epsilon", path, float),
+        # llama.cpp's default when the key is absent.
+        rope_theta=_optional(gg, f"{a}.rope.freq_base", path, float, 10000.0),
+        max_position_embeddings=_required(gg, f"{a}.context_length", path, int),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        o_bias="blk.0.attn_output.bias" in names,
+        rope_scaling=None,
+        bos_token_id=_optional(gg, "tokenizer.ggml.bos_token_id", path, int),
+        eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
+        source_dtype=_source_dtype(gg),
+        name=_value(gg, "general.name") or path.stem,
+        extras=tuple(extras),
+    )
+    _check_tensors(gg, spec, path)
+    return spec, arch
+
+
+def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> Hugging Face shape of every tensor the exporter reads."""
+    h = spec.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed.weight": (spec.vocab_size, h), "final_norm.weight": (h,),
+        "layers.{i}.attn_norm.weight": (h,), "layers.{i}.mlp_norm.weight": (h,),
+    }
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (spec.vocab_size, h)
+    for linear, (out, inp) in spec.linear_shapes.items():
+        shapes[f"layers.{{i}}.{linear}.weight"] = (out, inp)
+    if spec.qkv_bias:
+        shapes.update({"layers.{i}.q.bias": (spec.q_size,), "layers.{i}.k.bias": (spec.kv_size,),
+                       "layers.{i}.v.bias": (spec.kv_size,)})
+    if spec.o_bias:
+        shapes["layers.{i}.o.bias"] = (h,)
+    if any(key == "rope_freqs" for key, _ in spec.extras):
+        shapes["rope_freqs.weight"] = (spec.head_dim // 2,)
+    return shapes
+
+
+def _check_tensors(gg: Any, spec: ModelSpec, path: Path) -> None:
+    tensors = {t.name: t for t in gg.tensors}
+    for canonical, shape in _expected_shapes(spec).items():
+        for layer in range(spec.num_layers) if "{i}" in canonical else (None,):
+            name = layer_name(GGUF_WEIGHT_NAMES, canonical, layer)
+            t = tensors.get(name)
+            if t is None:
+                raise ModelFormatError(f"{path.name} has no tensor {name!r}: the GGUF is incomplete; {_FIX}")
+            if _hf_shape(t) != shape:
+                raise ModelFormatError(
+                    f"{path.name}: tensor {name!r} has shape {_hf_shape(t)} but the metadata implies {shape}; "
+                    f"{_FIX}")
+            _check_type(t, path)
