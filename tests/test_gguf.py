@@ -370,6 +370,11 @@ def test_not_a_gguf(tmp_path):
     st = tmp_path / "weights.gguf"
     st.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     _one_line_error(ModelFormatError, lambda: GGUFReader(st), "weights.gguf", "not a GGUF file")
+    future = write_tiny_gguf(tmp_path / "v9.gguf").path
+    data = bytearray(future.read_bytes())
+    data[4:8] = (9).to_bytes(4, "little")                  # the version field after the magic
+    future.write_bytes(bytes(data))
+    _one_line_error(ModelFormatError, lambda: spec_from_gguf(future), "v9.gguf", "GGUF version 9", "upgrade gguf")
 
 
 def test_missing_metadata_and_tensors(tmp_path):
