@@ -2,3 +2,4 @@
 
 from . import plan_cmd  # noqa: F401  (targets, plan)
 from . import bundle_cmd  # noqa: F401  inspect, verify
+from . import gpu_cmd  # noqa: F401  doctor, engine, selftest

@@ -130,11 +130,7 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     chosen = manifest.backend if backend == "auto" else backend
-    if chosen == "tensorrt" or (manifest.backend == "tensorrt" and backend == "auto"):
-        raise BackendUnavailable(
-            f"bundle {bundle} is built for TensorRT ({manifest.target.get('name')}), which this runtime cannot run "
-            "yet: pass backend='onnxruntime-cpu' to run its graph on the CPU, or build for --target cpu")
-    if chosen not in ORT_BACKENDS:
+    if chosen not in (*ORT_BACKENDS, "tensorrt"):
         raise BundleError(f"bundle {bundle} is for backend {chosen!r}, which edgekit {__name__} does not know")
     built = int(manifest.max_context)
     context = built if max_context is None else max_context
@@ -146,6 +142,10 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     template_name = tok.get("chat_template")
     codec = TextCodec(manifest.path(tok["file"]).read_text(encoding="utf-8"),
                       manifest.path(template_name).read_text(encoding="utf-8") if template_name else None, tok)
+    if chosen == "tensorrt":   # probes the GPU and checks the engine before TensorRT is imported
+        from .trt_backend import open_engine_decoder
+
+        return Model(manifest, open_engine_decoder(manifest, capacity=context), codec, context, need)
     from .ort_backend import OrtDecoder
 
     decoder = OrtDecoder(str(manifest.path(manifest.graph["file"])), dialect=manifest.dialect, spec=manifest.spec(),
