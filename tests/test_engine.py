@@ -155,9 +155,11 @@ def test_engine_checks_at_load_name_both_sides_and_the_fix():
     engine = {"file": "model.engine", "tensorrt_version": "10.3.0", "compute_capability": "8.7", "device": "Orin"}
     orin, rtx = standin.gpu_probe(), standin.gpu_probe(standin.RTX_4090)
     assert compat.check_engine(engine, orin, "10.3.0.30", bundle="b").sm == "8.7"
-    with pytest.raises(BackendUnavailable, match=r"built for SM 8\.7 \(Orin\) but this GPU is .*SM 8\.9.*edgekit engine b"):
+    with pytest.raises(BackendUnavailable,
+                       match=r"built for SM 8\.7 \(Orin\) but this GPU is .*SM 8\.9.*edgekit engine b"):
         compat.check_engine(engine, rtx, "10.3.0", bundle="b")
-    with pytest.raises(BackendUnavailable, match=r"TensorRT 10\.3\.0 but this machine has TensorRT 10\.7\.0.*edgekit engine b"):
+    with pytest.raises(BackendUnavailable,
+                       match=r"TensorRT 10\.3\.0 but this machine has TensorRT 10\.7\.0.*edgekit engine b"):
         compat.check_engine(engine, orin, "10.7.0", bundle="b")
     with pytest.raises(BackendUnavailable, match="built for TensorRT but has no engine yet: build it .*edgekit engine"):
         compat.check_engine(None, orin, "10.3.0", bundle="b")
@@ -200,6 +202,7 @@ def test_builder_calls_follow_the_tensorrt_10_api(trt_bundles, tmp_path):
     assert (tmp_path / "model.timing-cache").read_bytes() == b"+timings"
     assert outcome.engine_bytes == (tmp_path / "model.engine").stat().st_size and outcome.tensorrt_version == "10.3.0"
     assert seen[0] == ("Building engine", 0, 3) and seen[-1] == ("Building engine", 3, 3)
+    assert ("Computing costs", 1, 1) in seen and not any(s[0].startswith("Timing layer") for s in seen)
 
     again = standin.make_trt()
     second = eb.build_engine(again, plan, m.path("model.onnx"), tmp_path / "model.engine",
@@ -442,3 +445,34 @@ def test_nothing_imports_tensorrt_or_cuda_at_import_time():
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_engine_and_selftest_commands_with_a_gpu(trt_bundles, copy_bundle, monkeypatch):
+    """The success paths of the commands, with the stand-ins in place of the GPU, TensorRT and CUDA."""
+    from edgekit.runtime import trt_backend
+
+    cuda = standin.FakeCuda()
+    trt = standin.make_trt(cuda=cuda)
+    monkeypatch.setattr(gp, "probe_driver", lambda load=None: standin.gpu_probe())
+    monkeypatch.setattr(eb, "import_tensorrt", lambda probe: trt)
+    monkeypatch.setattr(trt_backend.CudaRuntime, "load", classmethod(lambda cls: cuda))
+    bundle = copy_bundle(trt_bundles["fp16"])
+    result = CliRunner().invoke(cli, ["engine", str(bundle)])
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("engine model.engine (") and "TensorRT 10.3.0 on Orin (SM 8.7)" in last
+    assert "timing cache model.timing-cache (new); manifest updated" in last
+    assert read_manifest(bundle).engine["compute_capability"] == "8.7"
+    again = CliRunner().invoke(cli, ["engine", str(bundle), "--timing-cache", str(bundle / "model.timing-cache")])
+    assert "(reused)" in again.output.strip().splitlines()[-1]
+    result = CliRunner().invoke(cli, ["selftest"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].startswith("selftest PASS: max |logit difference| 0 (tolerance")
+    assert json.loads(CliRunner().invoke(cli, ["selftest", "--json"]).output)["passed"] is True
+
+    monkeypatch.setattr(gp, "probe_driver", lambda load=None: standin.gpu_probe(standin.RTX_4090))
+    result = CliRunner().invoke(cli, ["engine", str(copy_bundle(trt_bundles["fp32"]))])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert "(SM 8.7) but this GPU is NVIDIA GeForce RTX 4090 (SM 8.9)" in result.output
+    assert "--target rtx-4090" in result.output

@@ -84,9 +84,11 @@ def _monitor(trt, progress: Progress | None, cancel: threading.Event | None):
             base.__init__(self)            # pybind11 trampolines need the base initialised explicitly
             self._lock = threading.Lock()  # TensorRT may report from several threads
             self._steps: dict[str, int] = {}
+            self._depth: dict[str, int] = {}
 
         def _report(self, phase: str, done: int) -> None:
-            if progress is None:
+            # Only the two outer levels: the inner ones (per-layer tactic timing) come by the hundred.
+            if progress is None or self._depth.get(phase, 0) > 1:
                 return
             try:
                 progress(phase, done, self._steps.get(phase, 0))
@@ -96,6 +98,7 @@ def _monitor(trt, progress: Progress | None, cancel: threading.Event | None):
         def phase_start(self, phase_name, parent_phase, num_steps):
             with self._lock:
                 self._steps[phase_name] = int(num_steps)
+                self._depth[phase_name] = 0 if parent_phase is None else self._depth.get(parent_phase, 0) + 1
                 self._report(phase_name, 0)
 
         def step_complete(self, phase_name, step):

@@ -77,7 +77,8 @@ def check_build(target_name: str, target_sm: str | None, probe, *,
     return device
 
 
-def check_engine(engine: dict[str, Any] | None, probe, installed_tensorrt: str | None, *, bundle: str = "the bundle") -> Any:
+def check_engine(engine: dict[str, Any] | None, probe, installed_tensorrt: str | None, *,
+                 bundle: str = "the bundle") -> Any:
     """Before loading an engine: the GPU to run it on, or a one-line error naming both sides and the fix."""
     fix = f"rebuild it here with `edgekit engine {bundle}`"
     if not engine:

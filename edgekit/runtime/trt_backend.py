@@ -178,7 +178,8 @@ class TrtDecoder:
         self.dtype = dtype
         self.layout = KvLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.capacity, dtype.itemsize)
 
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._logger = trt.Logger(trt.Logger.WARNING)   # must outlive the runtime, which keeps a reference
+        self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise BackendUnavailable("TensorRT could not deserialize the engine (its messages above say why): "
@@ -319,7 +320,8 @@ class TrtDecoder:
 
 
 # ----- from a bundle --------------------------------------------------------------------------------------
-def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None, cuda: CudaRuntime | None = None) -> TrtDecoder:
+def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None,
+                        cuda: CudaRuntime | None = None) -> TrtDecoder:
     """The TrtDecoder of a bundle, after checking that its engine was built for this GPU and TensorRT.
 
     ``probe``/``trt``/``cuda`` are for tests; by default the GPU is probed first and TensorRT imported only
@@ -361,6 +363,6 @@ def _import_tensorrt() -> Any:
     try:
         import tensorrt
     except ImportError as e:
-        raise BackendUnavailable(f"the tensorrt Python module cannot be imported ({e}): install TensorRT "
-                                 "(Jetson: sudo apt install python3-libnvinfer; desktop: pip install tensorrt)") from None
+        raise BackendUnavailable(f"the tensorrt Python module cannot be imported ({e}): install TensorRT (Jetson: "
+                                 "sudo apt install python3-libnvinfer; desktop: pip install tensorrt)") from None
     return tensorrt

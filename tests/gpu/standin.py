@@ -258,6 +258,12 @@ def make_trt(version: str = "10.3.0", *, parse_ok: bool = True, build_ok: bool =
             if config.progress_monitor is not None:
                 m = config.progress_monitor
                 m.phase_start("Building engine", None, 3)
+                m.phase_start("Computing costs", "Building engine", 1)
+                m.phase_start("Timing layer 7", "Computing costs", 4)       # too deep to be shown
+                m.step_complete("Timing layer 7", 0)
+                m.phase_finish("Timing layer 7")
+                m.step_complete("Computing costs", 0)
+                m.phase_finish("Computing costs")
                 for step in range(3):
                     m.step_complete("Building engine", step)
                 m.phase_finish("Building engine")
