@@ -85,3 +85,26 @@ class BackendUnavailable(EdgekitError):
 
 class Cancelled(EdgekitError):
     pass
+
+
+# --- devices (exit 1): edgekit flash ------------------------------------------------------------
+class DeviceError(EdgekitError):
+    """One device could not be deployed to; the other devices of the same command carry on."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, device: str | None = None):
+        super().__init__(message)
+        self.device = device
+
+
+class DeviceUnreachable(DeviceError):
+    """ssh could not connect or log in: unknown host, refused or timed-out connection, refused key, host key."""
+
+
+class DeviceMismatch(DeviceError):
+    """The device cannot run or hold the bundle (architecture, JetPack, GPU, disk space); nothing was copied."""
+
+
+class DeployFailed(DeviceError):
+    """Transfer, on-device verification, engine build or smoke test failed; ``current`` stays on a good release."""

@@ -1,0 +1,373 @@
+"""Deploying bundles to devices over SSH: atomic, resumable, verified on the device, with rollback.
+
+::
+
+    from edgekit.flash import Device, flash, rollback, list_releases
+    result = flash("bundles/r1-1.5b-orin", Device("robot@jetson.local", path="/opt/edgekit"), smoke=True)
+
+One flash is a series of ssh commands over one shared connection: probe the device -> refuse early if the
+bundle's target, JetPack or GPU does not match or the disk is too small -> plan (reuse files the device
+already has, resume half-sent ones) -> send the rest as ``NAME.part`` -> sha256 of every file computed on
+the device -> finalize (rename, manifest.json last) -> [build the engine there] -> switch ``current`` with
+one rename -> prune old releases -> [smoke test, rolling back if it fails]. The layout on the device is
+described in :mod:`edgekit.flash.releases`; the device needs a POSIX shell, coreutils and ssh, plus python3
+with edgekit only for ``smoke`` and ``build_engine``.
+
+Nothing here prints: progress goes to the ``progress`` callback as :class:`FlashProgress` events, results
+are returned, and a failing device raises a one-line DeviceUnreachable, DeviceMismatch or DeployFailed
+(``edgekit.errors``). :func:`flash_many` runs devices in parallel threads and collects each outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import DeployFailed, DeviceError, DeviceMismatch, UserInputError
+from ..runtime.bundle import MANIFEST, Manifest, read_manifest, verify
+from ..units import fmt_bytes
+from . import releases as rel
+from .probe import DeviceInfo, DeviceState, check_device, check_space, parse_probe, PROBE_SCRIPT
+from .releases import Release
+from .ssh import DEFAULT_PATH, DEFAULT_PYTHON, Device, Session, parse_device
+from .transfer import SENT, FileAction, as_send, extras, finalize, hash_files, mismatches, plan_files, prepare, \
+    remove, send_file
+
+__all__ = ["Device", "DeviceInfo", "FlashProgress", "FlashResult", "DeviceOutcome", "RollbackResult", "Release",
+           "flash", "flash_many", "rollback", "list_releases", "parse_device", "DEFAULT_PATH", "DEFAULT_PYTHON"]
+
+DEFAULT_KEEP = 3
+
+
+@dataclass(frozen=True)
+class FlashProgress:
+    """One progress event. ``stage`` is one of connect, probe, plan, prepare, send, verify, finalize, engine,
+    switch, smoke, rollback, done. During ``send``, ``done``/``total`` count the bytes of this flash and
+    ``message`` is "start" when ``file`` begins (then one event per chunk sent)."""
+
+    device: str
+    stage: str
+    message: str = ""
+    file: str | None = None
+    done: int = 0
+    total: int = 0
+
+
+Progress = Callable[[FlashProgress], None]
+
+
+@dataclass(frozen=True)
+class FlashResult:
+    """What one flash did. Byte counts are file contents (manifest.json, a few KiB, is not counted)."""
+
+    device: str
+    bundle_id: str
+    path: str                       # absolute DIR on the device
+    info: DeviceInfo
+    files: int                      # files in the bundle
+    sent: tuple[str, ...]           # sent from here (in full or resumed)
+    linked: tuple[str, ...]         # hard-linked or copied on the device from another release
+    present: tuple[str, ...]        # already in the release folder (verified again)
+    bytes_sent: int
+    bytes_resumed: int              # not sent again because a NAME.part continued
+    bytes_planned: int              # what the plan had to send (a dry run's answer)
+    bytes_total: int                # size of all the bundle's files
+    previous: str | None            # release that was current before
+    switched: bool                  # False for dry runs
+    pruned: tuple[str, ...]
+    smoke: str | None               # the smoke test's one-line report
+    engine_log: str | None
+    warnings: tuple[str, ...]
+    dry_run: bool
+    seconds: float
+
+    @property
+    def release(self) -> str:
+        return f"{self.path}/releases/{self.bundle_id}"
+
+
+@dataclass(frozen=True)
+class DeviceOutcome:
+    """One device of :func:`flash_many`: its result, or the DeviceError that stopped it."""
+
+    device: str
+    result: FlashResult | None
+    error: DeviceError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    device: str
+    path: str
+    from_release: str
+    to_release: str
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    manifest: Manifest
+    manifest_bytes: bytes
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+
+def _load_bundle(bundle: str | Path) -> _Bundle:
+    """The bundle's manifest, checked here first: sizes of all files, hashes of the small ones (seconds)."""
+    manifest = read_manifest(bundle)
+    verify(bundle, weights=False).raise_for_problems()
+    return _Bundle(manifest, (manifest.folder / MANIFEST).read_bytes())
+
+
+def _device(device: str | Device) -> Device:
+    return device if isinstance(device, Device) else parse_device(device)
+
+
+def _probe(session: Session, release_id: str = "") -> tuple[DeviceInfo, DeviceState]:
+    d = session.device
+    done = session.run(PROBE_SCRIPT, [d.path, release_id, d.python], what="probing the device")
+    return parse_probe(done.stdout, d.name)
+
+
+# ----- flash ------------------------------------------------------------------------------------------------
+def flash(bundle: str | Path, device: str | Device, *, keep: int = DEFAULT_KEEP, smoke: bool = False,
+          build_engine: bool = False, dry_run: bool = False, progress: Progress | None = None,
+          smoke_timeout: float = 600, engine_timeout: float | None = 4 * 3600) -> FlashResult:
+    """Deploy ``bundle`` to one device and make it current. See the module docstring for the steps.
+
+    ``device`` is a :class:`Device` or ``"user@host"`` / an ssh_config name, optionally ``":PATH"``.
+    ``keep`` releases stay on the device (never fewer than current and the one before). ``smoke`` loads the
+    new current release on the device and generates a few tokens, rolling back if that fails;
+    ``build_engine`` runs ``edgekit engine`` on the release before the switch. ``dry_run`` probes, checks
+    and plans without changing anything. Raises BundleError for a bad bundle, DeviceError subclasses for
+    the device.
+    """
+    _check_keep(keep)
+    return _flash_one(_load_bundle(bundle), _device(device), keep=keep, smoke=smoke, build_engine=build_engine,
+                      dry_run=dry_run, progress=progress, smoke_timeout=smoke_timeout, engine_timeout=engine_timeout)
+
+
+def flash_many(bundle: str | Path, devices: Sequence[str | Device], *, jobs: int | None = None,
+               **options) -> list[DeviceOutcome]:
+    """Flash several devices in parallel threads (``options`` as for :func:`flash`); one failing does not stop
+    the others. Outcomes come back in the order of ``devices``. A bad bundle raises before any device."""
+    _check_keep(options.get("keep", DEFAULT_KEEP))
+    b = _load_bundle(bundle)
+    targets = [_device(d) for d in devices]
+    if not targets:
+        raise UserInputError("no device given: name at least one (user@host or an ssh_config Host)")
+    options.setdefault("keep", DEFAULT_KEEP)
+
+    def one(device: Device) -> DeviceOutcome:
+        try:
+            kw = {"smoke": False, "build_engine": False, "dry_run": False, "progress": None, "smoke_timeout": 600,
+                  "engine_timeout": 4 * 3600, **options}
+            return DeviceOutcome(device.name, _flash_one(b, device, **kw), None)
+        except DeviceError as e:
+            return DeviceOutcome(device.name, None, e)
+
+    with ThreadPoolExecutor(max_workers=jobs or min(8, len(targets))) as pool:
+        futures = [pool.submit(one, d) for d in targets]
+        return [f.result() for f in futures]
+
+
+def _check_keep(keep) -> None:
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise UserInputError(f"invalid keep {keep!r}: keep at least 1 release (current and the previous one are "
+                             "always kept)")
+
+
+def _flash_one(b: _Bundle, device: Device, *, keep: int, smoke: bool, build_engine: bool, dry_run: bool,
+               progress: Progress | None, smoke_timeout: float, engine_timeout: float | None) -> FlashResult:
+    started = time.monotonic()
+    name, bid = device.name, b.id
+
+    def report(stage: str, message: str = "", **kw) -> None:
+        if progress:
+            progress(FlashProgress(name, stage, message, **kw))
+
+    report("connect", f"connecting to {name}")
+    with Session(device) as s:
+        report("probe", "probing the device")
+        info, state = _probe(s, bid)
+        path = info.path
+        report("probe", info.summary())
+        warnings = _refuse_or_warn(b, info, state, name, "--smoke" if smoke else
+                                   "--build-engine" if build_engine else None)
+        actions = plan_files(b.manifest.files, state, bid)
+        need = sum(a.to_send for a in actions)
+        why = check_space(info, need, device=name)
+        if why:
+            raise DeviceMismatch(why, device=name)
+        hows = [a.how for a in actions]
+        report("plan", f"{hows.count('send') + hows.count('resume')} file(s) to send ({fmt_bytes(need)}), "
+                       f"{hows.count('link')} reused on the device, "
+                       f"{hows.count('present') + hows.count('part')} already there", total=need)
+        planned = actions
+
+        def result(**kw) -> FlashResult:
+            return FlashResult(
+                device=name, bundle_id=bid, path=path, info=info, files=len(actions),
+                sent=tuple(a.name for a in actions if a.how in SENT),
+                linked=tuple(a.name for a in actions if a.how == "link"),
+                present=tuple(a.name for a in actions if a.how in ("present", "part")),
+                bytes_resumed=sum(a.offset for a in actions if a.how == "resume"),
+                bytes_planned=need, bytes_total=sum(a.size for a in planned), previous=state.current,
+                warnings=tuple(warnings), seconds=round(time.monotonic() - started, 3), **kw)
+
+        if dry_run:
+            return result(bytes_sent=0, switched=False, pruned=(), smoke=None, engine_log=None, dry_run=True)
+        actions, sent = _transfer(s, b, path, state, actions, report, warnings)
+
+        engine_log = None
+        if build_engine:
+            report("engine", "building the engine on the device (edgekit engine)")
+            ok, engine_log = rel.build_engine(s, info.python_path, f"{path}/releases/{bid}", timeout=engine_timeout)
+            if not ok:
+                lines = [ln.strip() for ln in engine_log.splitlines() if ln.strip()]
+                last = lines[-1] if lines else "no output"
+                err = DeployFailed(f"{name}: edgekit engine failed on the device ({last}): nothing was switched "
+                                   f"(current is still {_rel_text(state.current)})", device=name)
+                err.log = engine_log    # the CLI prints it; callers of the API read it here
+                raise err
+
+        before = rel.base_history(state)
+        history = rel.history_with(state, bid)
+        prune = rel.prune_list(state, history, keep, flashed=bid)
+        history = [h for h in history if h not in prune]
+        report("switch", f"switching current -> releases/{bid}"
+               + (f", pruning {len(prune)} old release(s)" if prune else ""))
+        rel.switch(s, path, bid, history, prune)
+
+        smoke_text = None
+        if smoke:
+            report("smoke", f"smoke test: load {path}/current and generate {rel.SMOKE_TOKENS} tokens")
+            ok, smoke_text = rel.smoke(s, info.python_path, path, timeout=smoke_timeout)
+            if not ok:
+                # Back to the release that was in use before (or, re-flashing the current one, the one before it).
+                back_history = [h for h in before if h != bid and h not in prune]
+                back = back_history[-1] if back_history else None
+                report("rollback", f"smoke test failed: current -> {_rel_text(back)}")
+                rel.switch(s, path, back, back_history, [])
+                where = (f"rolled back, current -> releases/{back}" if back else
+                         "no earlier release to roll back to, current removed")
+                raise DeployFailed(f"{name}: smoke test failed on the device ({smoke_text}): {where}", device=name)
+        report("done", f"done: current -> releases/{bid}" + (" (smoke test passed)" if smoke else ""))
+        return result(bytes_sent=sent, switched=True, pruned=tuple(prune), smoke=smoke_text, engine_log=engine_log,
+                      dry_run=False)
+
+
+def _refuse_or_warn(b: _Bundle, info: DeviceInfo, state: DeviceState, name: str, needs: str | None) -> list[str]:
+    """The warnings for this device, or DeviceMismatch with the first reason the bundle must not go there."""
+    problems, warnings = check_device(b.manifest, info, needs_edgekit=needs)
+    if state.current_not_link:
+        problems.append(f"{info.path}/current exists and is not a symlink (not made by edgekit): move it away or "
+                        "choose another --path")
+    if problems:
+        raise DeviceMismatch(f"{name}: {problems[0]}", device=name)
+    if state.current_foreign:
+        warnings.append(f"{info.path}/current points to {state.current_foreign}, not to a release: it will be "
+                        "replaced")
+    return warnings
+
+
+def _transfer(s: Session, b: _Bundle, path: str, state: DeviceState, actions: list[FileAction], report,
+              warnings: list[str]) -> tuple[list[FileAction], int]:
+    """Link, send, verify on the device and finalize the release folder. (the actions as done, bytes sent)."""
+    bid, name = b.id, s.device.name
+    report("prepare", f"preparing {path}/releases/{bid}")
+    prepare(s, path, bid, actions)
+    counter = _Counter(report, sum(a.to_send for a in actions))
+    for a in actions:
+        if a.how in SENT:
+            counter.send(s, path, bid, a, b.manifest.folder)
+    report("verify", f"verifying {len(actions)} files on the device (sha256sum)")
+    hashes, entries = hash_files(s, path, bid, actions)
+    bad = mismatches(actions, hashes)
+    _fail_on_sent(name, [a for a in bad if a.how in SENT], hashes, s, path, bid, state)
+    if bad:
+        # Copies the device already had (an older release, an earlier run) went bad on its disk: send them.
+        redo = [as_send(a) for a in bad]
+        remove(s, path, bid, [a.staged for a in bad])
+        counter.total += sum(a.size for a in redo)
+        for a in redo:
+            counter.send(s, path, bid, a, b.manifest.folder)
+        report("verify", f"verifying {len(redo)} re-sent file(s) on the device")
+        hashes, entries = hash_files(s, path, bid, redo)
+        _fail_on_sent(name, mismatches(redo, hashes), hashes, s, path, bid, state)
+        replaced = {a.name: a for a in redo}
+        actions = [replaced.get(a.name, a) for a in actions]
+        warnings.append(f"re-sent {len(redo)} file(s) whose copy on the device was corrupt: "
+                        + ", ".join(a.name for a in redo))
+    complete = bid in state.releases and state.releases[bid].complete
+    report("finalize", "finalizing the release (manifest.json last)")
+    finalize(s, path, bid, actions, [] if complete else extras(entries, actions),
+             None if complete else b.manifest_bytes)
+    return actions, counter.sent
+
+
+class _Counter:
+    """Bytes sent so far in one flash, reported as ``send`` progress events."""
+
+    def __init__(self, report, total: int):
+        self.report, self.total, self.sent = report, total, 0
+
+    def send(self, session: Session, path: str, bid: str, action: FileAction, folder: Path) -> None:
+        def on_bytes(n: int) -> None:
+            self.sent += n
+            self.report("send", "", file=action.name, done=self.sent, total=self.total)
+
+        self.report("send", "start", file=action.name, done=self.sent, total=self.total)
+        send_file(session, path, bid, action, folder / action.name, on_bytes)
+
+
+def _rel_text(release: str | None) -> str:
+    return f"releases/{release}" if release else "unset"
+
+
+def _fail_on_sent(name: str, bad: list[FileAction], hashes: dict[str, str], session: Session, path: str, bid: str,
+                  state: DeviceState) -> None:
+    """DeployFailed naming the first file sent in this run that the device's sha256 does not confirm, after
+    deleting the bad copies (the next run sends them again)."""
+    if not bad:
+        return
+    remove(session, path, bid, [a.staged for a in bad])
+    a = bad[0]
+    got = hashes.get(a.name, "missing")
+    what = ("is missing" if got == "missing" else "cannot be read" if got == "unreadable" else
+            f"has sha256 {got[:12]}... but the manifest says {a.sha256[:12]}...")
+    more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+    raise DeployFailed(f"{name}: verification failed: {a.name} {what} on the device after transfer{more}: "
+                       f"nothing was switched (current is still {_rel_text(state.current)}); the bad copy was "
+                       "deleted, run the same command again to re-send it", device=name)
+
+
+# ----- rollback and listing ---------------------------------------------------------------------------------
+def rollback(device: str | Device, *, progress: Progress | None = None) -> RollbackResult:
+    """Make the release that was current before the current one current again (``history`` goes one back)."""
+    device = _device(device)
+    with Session(device) as s:
+        if progress:
+            progress(FlashProgress(device.name, "probe", "reading the releases on the device"))
+        info, state = _probe(s)
+        to, history = rel.rollback_target(state, device.name)
+        if progress:
+            progress(FlashProgress(device.name, "rollback", f"current -> releases/{to}"))
+        rel.switch(s, info.path, to, history, [])
+        return RollbackResult(device.name, info.path, state.current, to)
+
+
+def list_releases(device: str | Device) -> list[Release]:
+    """The releases on a device: current first, then by last use; incomplete ones are marked."""
+    device = _device(device)
+    with Session(device) as s:
+        _info, state = _probe(s)
+    return rel.releases_of(state)
