@@ -116,7 +116,8 @@ def prune_list(state: DeviceState, history: list[str], keep: int, flashed: str |
 
 def switch(session: Session, path: str, release_id: str | None, history: list[str], prune: list[str]) -> None:
     """Point ``current`` at ``release_id`` (None removes it), write the history, delete ``prune``."""
-    done = session.run(_SWITCH, [path, release_id or "", "\n".join(history), *prune], what="switching current")
+    done = session.run(_SWITCH, [path, release_id or "", "\n".join(history), *prune], what="switching current",
+                       timeout=None)   # deleting old releases and sync can take minutes on an SD card
     if done.returncode:
         raise DeployFailed(f"{session.device.name}: cannot switch {path}/current to releases/{release_id} "
                            f"({done.last_error()}): current was not changed", device=session.device.name)

@@ -183,29 +183,27 @@ class Session:
         """Log in once; later commands reuse the connection. Raises DeviceUnreachable with ssh's reason."""
         self._dir = tempfile.mkdtemp(prefix="edgekit-ssh-")
         sock = os.path.join(self._dir, "c")
-        err = open(os.path.join(self._dir, "master.err"), "w+b")
         argv = self._argv("-o", "ControlMaster=yes", "-o", f"ControlPath={sock}", "-o", "ControlPersist=no",
                           "-N", "--", self.device.destination)
-        try:
+        limit = self.device.connect_timeout + 45    # TCP connect, then key exchange and login (agent, ProxyJump)
+        with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-            # The control socket appears once the login succeeded; the process ends if it failed.
-            deadline = time.monotonic() + self.device.connect_timeout + 45
-            while not os.path.exists(sock):
-                if proc.poll() is not None:
-                    err.seek(0)
-                    self.close()
-                    raise classify(err.read().decode("utf-8", "replace"), self.device, "connecting")
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    proc.wait()
-                    self.close()
-                    raise DeviceUnreachable(f"{self.device.name}: no login within {self.device.connect_timeout + 45}s: "
-                                            "check the device and that `ssh` to it works without a prompt",
-                                            device=self.device.name)
-                time.sleep(0.02)
-            self._master, self._control = proc, sock
-        finally:
-            err.close()
+            self._master = proc
+            try:
+                # The control socket appears once the login succeeded; the process ends if it failed.
+                deadline = time.monotonic() + limit
+                while not os.path.exists(sock):
+                    if proc.poll() is not None:
+                        err.seek(0)
+                        raise classify(err.read().decode("utf-8", "replace"), self.device, "connecting")
+                    if time.monotonic() > deadline:
+                        raise DeviceUnreachable(f"{self.device.name}: no login within {limit}s: check the device, "
+                                                "and that `ssh` to it works without a prompt", device=self.device.name)
+                    time.sleep(0.02)
+            except BaseException:
+                self.close()
+                raise
+        self._control = sock
 
     def close(self) -> None:
         master, self._master, self._control = self._master, None, None

@@ -147,7 +147,9 @@ def prepare(session: Session, path: str, release_id: str, actions: list[FileActi
     for a in actions:
         if a.how == "link":
             args += [a.source, a.name]
-    done = session.run(_PREPARE, args, what="preparing the release folder")
+    # No timeout here and in finalize: copying (no hard links) or sync after GBs on an SD card takes minutes;
+    # ssh's keep-alives still notice a dead link.
+    done = session.run(_PREPARE, args, what="preparing the release folder", timeout=None)
     if done.returncode:
         raise DeployFailed(f"{session.device.name}: cannot prepare {path}/releases/{release_id} on the device "
                            f"({done.last_error()}): check the disk and permissions there", device=session.device.name)
@@ -201,7 +203,7 @@ def finalize(session: Session, path: str, release_id: str, actions: list[FileAct
     """Rename the verified .part files, remove unlisted entries, write manifest.json last (None: keep it)."""
     renames = [a.name for a in actions if a.staged != a.name]
     args = [path, release_id, "write" if manifest_bytes is not None else "keep", *renames, "--", *extras]
-    done = session.run(_FINALIZE, args, what="finalizing the release", input=manifest_bytes or b"")
+    done = session.run(_FINALIZE, args, what="finalizing the release", input=manifest_bytes or b"", timeout=None)
     if done.returncode:
         raise DeployFailed(f"{session.device.name}: cannot finalize {path}/releases/{release_id} on the device "
                            f"({done.last_error()}): nothing was switched; run the same command again",
