@@ -28,8 +28,9 @@ from .staging import staged_output
 from .target import Target
 from .units import fmt_bytes
 
-# What the graph builder can write today; int8/int4 arrive with the quantizer.
-BUILDABLE = ("fp32", "fp16")
+# What the graph builder writes: dense floats, or INT8/INT4 weights through a quantizing codec.
+BUILDABLE = ("fp32", "fp16", "int8", "int4")
+QUANTIZED = ("int8", "int4")
 DIALECT_OF_BACKEND = {"tensorrt": "tensorrt", "onnxruntime-cuda": "ort", "onnxruntime-cpu": "ort"}
 # DeepSeek's published settings for the R1 models: temperature 0.6, top-p 0.95, no system prompt.
 R1_GENERATION = {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
@@ -50,15 +51,24 @@ class BuildResult:
 def default_precision(target: Target, backend: str | None = None) -> str:
     """The most compact precision the builder writes that the target's backend runs."""
     runs = target.backend(backend).precisions
-    for p in ("fp16", "fp32"):
+    for p in ("int4", "int8", "fp16", "fp32"):
         if p in runs and p in BUILDABLE:
             return p
     return runs[0]
 
 
+@dataclass(frozen=True)
+class QuantOptions:
+    """How INT8/INT4 weights are made (ignored for fp32/fp16)."""
+
+    block_size: int = 32            # INT4 block along K
+    accuracy_level: int | None = None   # MatMulNBits; None: the codec's default
+    lossless: bool = True           # carry GGUF block codes over where they map exactly
+
+
 def build(model: str | Path | ModelSource, target: Target, *, output: Path, precision: str | None = None,
           context: int = 4096, backend: str | None = None, force: bool = False, logits: str = "last",
-          progress: Progress | None = None) -> BuildResult:
+          quant: QuantOptions | None = None, progress: Progress | None = None) -> BuildResult:
     """Build ``model`` for ``target`` into the bundle folder ``output``.
 
     Refuses before any heavy work when the plan does not fit (``force`` builds anyway) or when the
@@ -87,9 +97,10 @@ def build(model: str | Path | ModelSource, target: Target, *, output: Path, prec
     output = Path(output)
     reader = open_weights(source)
     try:
+        codec = _codec(precision, options, quant or QuantOptions(), reader)
         with staged_output(output, force=force) as tmp:
             report = (lambda done, total: progress("export", done, total)) if progress else None
-            exported = export_onnx(reader, spec, tmp, options, progress=report)
+            exported = export_onnx(reader, spec, tmp, options, codec=codec, progress=report)
             special = reader.special_tokens()
             (tmp / "tokenizer.json").write_text(reader.tokenizer_json(), encoding="utf-8")
             template = reader.chat_template()
@@ -99,12 +110,31 @@ def build(model: str | Path | ModelSource, target: Target, *, output: Path, prec
                 progress("tokenizer", 1, 1)
             manifest = _manifest(source, reader.fingerprint(), spec, target, the_plan, options, exported, special,
                                  template)
+            if codec is not None:
+                manifest["quantization"] = _quant_section(codec, quant or QuantOptions())
             manifest = write_manifest(tmp, manifest)
             if progress:
                 progress("manifest", 1, 1)
     finally:
         reader.close()
     return BuildResult(output, the_plan, manifest)
+
+
+def _codec(precision: str, options: GraphOptions, quant: QuantOptions, reader):
+    if precision not in QUANTIZED:
+        return None
+    from .quant.codec import DEFAULT_ACCURACY_LEVEL, QuantCodec
+
+    dtype = "float32" if options.precision == "fp32" else "float16"
+    level = DEFAULT_ACCURACY_LEVEL if quant.accuracy_level is None else quant.accuracy_level
+    return QuantCodec(options.dialect, precision, dtype, block_size=quant.block_size, accuracy_level=level,
+                      reader=reader, lossless=quant.lossless)
+
+
+def _quant_section(codec, quant: QuantOptions) -> dict:
+    return {"method": "rtn", "weights": codec.precision, "block_size": quant.block_size,
+            "embedding_and_lm_head": "int8", "accuracy_level": codec.accuracy_level,
+            "encoding": "MatMulNBits" if codec.dialect == "ort" else "DequantizeLinear", **codec.stats.to_dict()}
 
 
 def _is_r1(spec, template: str | None) -> bool:

@@ -19,13 +19,13 @@ import onnx
 
 from .. import __version__
 from ..spec import ModelSpec
-from .decoder import DIALECTS, DecoderWriter, GraphOptions, LinearEmitter
+from .decoder import DIALECTS, DecoderWriter, DenseCodec, GraphOptions
 from .graph import GraphBuilder
 
 MODEL_FILE = "model.onnx"
 OPSETS = {"ort": {"": 21, "com.microsoft": 1}, "tensorrt": {"": 21}}
 
-__all__ = ["DIALECTS", "ExportResult", "GraphOptions", "MODEL_FILE", "export_onnx"]
+__all__ = ["DIALECTS", "DenseCodec", "ExportResult", "GraphOptions", "MODEL_FILE", "export_onnx"]
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,17 @@ def _io(values) -> list[dict]:
 
 
 def export_onnx(reader, spec: ModelSpec, folder: Path, options: GraphOptions, *,
-                linear: LinearEmitter | None = None,
+                codec=None,
                 progress: Callable[[int, int], None] | None = None) -> ExportResult:
-    """Write ``model.onnx`` + ``model.onnx.data`` for ``spec`` into ``folder`` (which must exist)."""
+    """Write ``model.onnx`` + ``model.onnx.data`` for ``spec`` into ``folder`` (which must exist).
+
+    ``codec`` turns weights into nodes: :class:`DenseCodec` (fp32/fp16) by default, or a quantizing one from
+    :mod:`edgekit.quant.codec`.
+    """
     folder = Path(folder)
     builder = GraphBuilder(f"edgekit-{spec.family}-{options.dialect}", folder / MODEL_FILE, OPSETS[options.dialect])
     try:
-        DecoderWriter(builder, spec, options, reader, linear=linear).write(progress)
+        DecoderWriter(builder, spec, options, reader, codec=codec).write(progress)
         model = builder.save(producer=f"edgekit {__version__}", metadata={
             "edgekit.dialect": options.dialect, "edgekit.precision": options.precision,
             "edgekit.max_context": str(options.max_context), "edgekit.logits": options.logits})

@@ -68,19 +68,34 @@ class GraphOptions:
             raise UserInputError(f"logits must be 'last' or 'all', not {self.logits!r}")
 
 
-# A linear layer emitter: (builder, x, name, weight (out, in) float32, bias or None) -> output name.
-# The dense one is below; quantizers provide others with the same signature.
-LinearEmitter = Callable[[GraphBuilder, str, str, np.ndarray, "np.ndarray | None"], str]
+class DenseCodec:
+    """How weights become graph nodes, unquantized. Quantizers (``edgekit.quant.codec``) have the same methods.
 
+    ``parts`` names the checkpoint tensors a (possibly packed) weight was made of, as (canonical, layer)
+    pairs, so that a codec can go back to the source's own encoding (lossless GGUF import).
+    """
 
-def dense_linear(dtype) -> LinearEmitter:
-    def emit(b: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
-        w = b.weight(f"{name}.weight_t", weight.T.astype(dtype))  # (in, out): MatMul's B
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self._embed: str | None = None
+
+    def linear(self, b: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None,
+               parts: list[tuple[str, int | None]] = ()) -> str:
+        w = b.weight(f"{name}.weight_t", weight.T.astype(self.dtype))            # (in, out): MatMul's B
         y = b.op("MatMul", x, w, name=f"{name}/MatMul")
         if bias is not None:
-            y = b.op("Add", y, b.weight(f"{name}.bias", bias.astype(dtype)), name=f"{name}/BiasAdd")
+            y = b.op("Add", y, b.weight(f"{name}.bias", bias.astype(self.dtype)), name=f"{name}/BiasAdd")
         return y
-    return emit
+
+    def embedding(self, b: GraphBuilder, ids: str, weight: np.ndarray) -> str:
+        self._embed = b.weight("embed.weight", weight.astype(self.dtype))            # (V, hidden)
+        return b.op("Gather", self._embed, ids, axis=0, name="embed/Gather")          # (B, S, hidden)
+
+    def lm_head(self, b: GraphBuilder, flat: str, weight: np.ndarray | None) -> str:
+        """``flat`` (B*N, hidden) -> logits (B*N, V) in the graph's float type. ``weight`` None: tied."""
+        # Gemm with transB reads the (V, hidden) matrix as stored, so a tied head shares the embedding.
+        head = self._embed if weight is None else b.weight("lm_head.weight", weight.astype(self.dtype))
+        return b.op("Gemm", flat, head, transB=1, name="lm_head/Gemm")
 
 
 def expected_shape(spec: ModelSpec, canonical: str) -> tuple[int, ...] | None:
@@ -101,11 +116,10 @@ def expected_shape(spec: ModelSpec, canonical: str) -> tuple[int, ...] | None:
 class DecoderWriter:
     """Emits the decoder into a GraphBuilder, one layer at a time, reading weights as it goes."""
 
-    def __init__(self, b: GraphBuilder, spec: ModelSpec, opts: GraphOptions, reader,
-                 linear: LinearEmitter | None = None):
+    def __init__(self, b: GraphBuilder, spec: ModelSpec, opts: GraphOptions, reader, codec=None):
         self.b, self.spec, self.opts, self.reader = b, spec, opts, reader
         self.np_dtype, self.onnx_dtype = FLOAT_TYPES[opts.precision]
-        self.linear = linear or dense_linear(self.np_dtype)
+        self.codec = codec or DenseCodec(self.np_dtype)
         if opts.dialect == "ort" and spec.head_dim % 16:
             raise UserInputError(
                 f"head_dim {spec.head_dim} is not a multiple of 16, which onnxruntime's fused attention needs: "
@@ -140,8 +154,7 @@ class DecoderWriter:
         cos, sin = rope_tables(spec, opts.max_context, self.np_dtype, freq_factors)
         self.cos, self.sin = b.weight("rope.cos", cos), b.weight("rope.sin", sin)  # (max_context, D/2)
 
-        embed = b.weight("embed.weight", self.w("embed.weight").astype(self.np_dtype))  # (V, hidden)
-        hidden = b.op("Gather", embed, ids, axis=0, name="embed/Gather")                 # (B, S, hidden)
+        hidden = self.codec.embedding(b, ids, self.w("embed.weight"))                    # (B, S, hidden)
         if opts.dialect == "tensorrt":
             self._position_setup(ids)
 
@@ -150,14 +163,14 @@ class DecoderWriter:
             normed, residual = self.add_norm(pending, residual, f"layers.{i}.attn_norm",
                                              ("layers.{i}.attn_norm.weight", i))
             attn = self.attention(normed, i)
-            o = self.linear(b, attn, f"layers.{i}.o", self.w("layers.{i}.o.weight", i),
-                            self.maybe("layers.{i}.o.bias", i))
+            o = self.codec.linear(b, attn, f"layers.{i}.o", self.w("layers.{i}.o.weight", i),
+                                  self.maybe("layers.{i}.o.bias", i), [("layers.{i}.o.weight", i)])
             normed, residual = self.add_norm(o, residual, f"layers.{i}.mlp_norm", ("layers.{i}.mlp_norm.weight", i))
             pending = self.mlp(normed, i)
             if progress:
                 progress(i + 1, spec.num_layers)
         normed, _ = self.add_norm(pending, residual, "final_norm", ("final_norm.weight", None))
-        self.lm_head(normed, ids, embed)
+        self.lm_head(normed, ids)
 
     # ----- residual + RMSNorm ------------------------------------------------------------------
     #   x ──(+ pending)──> residual ──RMSNorm(w)──> normed
@@ -197,7 +210,8 @@ class DecoderWriter:
 
     def attention(self, x: str, i: int) -> str:
         weight, bias = self.qkv_weights(i)
-        qkv = self.linear(self.b, x, f"layers.{i}.qkv", weight, bias)  # (B, S, q + 2 kv)
+        parts = [(f"layers.{{i}}.{n}.weight", i) for n in ("q", "k", "v")]
+        qkv = self.codec.linear(self.b, x, f"layers.{i}.qkv", weight, bias, parts)  # (B, S, q + 2 kv)
         if self.opts.dialect == "ort":
             return self._gqa(qkv, i)
         return self._standard_attention(qkv, i)
@@ -294,23 +308,22 @@ class DecoderWriter:
     def mlp(self, x: str, i: int) -> str:
         b, inter = self.b, self.spec.intermediate_size
         gate_up = np.concatenate([self.w("layers.{i}.gate.weight", i), self.w("layers.{i}.up.weight", i)], axis=0)
-        gu = self.linear(b, x, f"layers.{i}.gate_up", gate_up, None)
+        gu = self.codec.linear(b, x, f"layers.{i}.gate_up", gate_up, None,
+                               [("layers.{i}.gate.weight", i), ("layers.{i}.up.weight", i)])
         gate, up = b.op("Split", gu, b.const([inter, inter]), axis=-1, outputs=2, name=f"layers.{i}.mlp/Split")
         act = b.op("Mul", gate, b.op("Sigmoid", gate, name=f"layers.{i}.mlp/Sigmoid"), name=f"layers.{i}.mlp/SiLU")
         act = b.op("Mul", act, up, name=f"layers.{i}.mlp/GateUp")
-        return self.linear(b, act, f"layers.{i}.down", self.w("layers.{i}.down.weight", i), None)
+        return self.codec.linear(b, act, f"layers.{i}.down", self.w("layers.{i}.down.weight", i), None,
+                                 [("layers.{i}.down.weight", i)])
 
     # ----- LM head ----------------------------------------------------------------------------
-    def lm_head(self, normed: str, ids: str, embed: str) -> None:
-        #   normed (B,S,hidden) ─[Slice last]─> (B,N,hidden) ─Reshape─> (B*N,hidden) ─Gemm(W^T)─> (B*N,V) ─> logits
-        # Gemm with transB reads the (V, hidden) matrix as stored, so a tied head shares the embedding.
+    def lm_head(self, normed: str, ids: str) -> None:
+        #   normed (B,S,hidden) ─[Slice last]─> (B,N,hidden) ─Reshape─> (B*N,hidden) ─head─> (B*N,V) ─> logits
         b, spec = self.b, self.spec
         if self.opts.logits == "last":
             normed = b.op("Slice", normed, b.const([-1]), b.const([2**62]), b.const([1]), name="lm_head/Last")
         flat = b.op("Reshape", normed, b.const([-1, spec.hidden_size]), name="lm_head/Flatten")
-        head = embed if spec.tie_word_embeddings else b.weight(
-            "lm_head.weight", self.w("lm_head.weight").astype(self.np_dtype))
-        logits = b.op("Gemm", flat, head, transB=1, name="lm_head/Gemm")                  # (B*N, V)
+        logits = self.codec.lm_head(b, flat, None if spec.tie_word_embeddings else self.w("lm_head.weight"))
         if self.onnx_dtype != TensorProto.FLOAT:
             logits = b.op("Cast", logits, to=TensorProto.FLOAT, name="lm_head/Cast")
         if self.opts.logits == "last":

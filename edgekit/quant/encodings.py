@@ -1,0 +1,179 @@
+"""Weight encodings, in numpy: quantize, pack, and (for tests and eval) unpack and dequantize.
+
+All weights here are in Hugging Face orientation, (N, K) = (out_features, in_features); blocks run along K.
+
+Two containers hold the same numbers in different layouts:
+
+``nbits`` — onnxruntime's MatMulNBits (``ort`` dialect)::
+
+    B       uint8 (N, n_blocks, block_size * bits / 8)   4-bit: element 2j in the low nibble of byte j
+    scales  float (N * n_blocks,)
+    zeros   absent (the default zero point: 8 for 4-bit, 128 for 8-bit) or one integer for every block
+    w[n, k] = (q[n, k] - zero) * scale[n, k // bs] + offset[n, k // bs]   (K is zero-padded to whole blocks)
+
+  ``offset`` (asymmetric GGUF blocks, e.g. Q4_1's ``m``) is not part of MatMulNBits: it is added as a second,
+  small product, ``sum of x over each block @ offset^T`` (see :mod:`edgekit.quant.codec`). Float zero points
+  would express it inside MatMulNBits, but onnxruntime's CPU kernel runs them about 50x slower.
+
+``qdq`` — ONNX DequantizeLinear on the transposed (K, N) MatMul weight (``tensorrt`` dialect)::
+
+    INT4    int4 (K, N), signed, two per byte low nibble first (ONNX packing), scales (K / bs, N), axis 0,
+            block_size bs, no zero point (TensorRT's weight-only INT4 is symmetric; bs must divide K)
+    INT8    int8 (K, N), scales (N,), axis 1 (per output channel), no zero point
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserInputError
+
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class NBits:
+    """A weight in MatMulNBits form."""
+
+    bits: int
+    block_size: int
+    n: int
+    k: int
+    blob: np.ndarray                  # uint8 (N, n_blocks, block_size * bits // 8)
+    scales: np.ndarray                # float32 (N, n_blocks)
+    zero_point: int | None = None     # None: MatMulNBits' default (8 or 128)
+    offsets: np.ndarray | None = None # float32 (N, n_blocks), added after the scaled codes
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+    @property
+    def zero(self) -> int:
+        return (1 << (self.bits - 1)) if self.zero_point is None else self.zero_point
+
+    def packed_zero_points(self) -> np.ndarray:
+        """MatMulNBits' zero_points input: uint8, 4-bit values two per byte per row of blocks."""
+        if self.bits == 8:
+            return np.full(self.n * self.n_blocks, self.zero, np.uint8)
+        per_row = np.full((self.n, self.n_blocks + self.n_blocks % 2), self.zero, np.uint8)
+        return pack_codes(per_row, 4).reshape(-1)
+
+    def dequantize(self) -> np.ndarray:
+        """(N, K) float32, computed independently of how the codes were made."""
+        codes = unpack_codes(self.blob, self.bits).reshape(self.n, self.n_blocks, self.block_size).astype(np.float32)
+        w = (codes - np.float32(self.zero)) * self.scales[..., None]
+        if self.offsets is not None:
+            w = w + self.offsets[..., None]
+        return w.reshape(self.n, -1)[:, :self.k]
+
+
+def _check_block(block_size: int, k: int, *, must_divide: bool) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise UserInputError(f"invalid block size {block_size}: use one of {', '.join(map(str, BLOCK_SIZES))}")
+    if must_divide and k % block_size:
+        raise UserInputError(
+            f"block size {block_size} does not divide K = {k}, which TensorRT's INT4 requires: use a block size "
+            f"that divides {k} ({', '.join(str(b) for b in BLOCK_SIZES if k % b == 0) or 'none does'})")
+
+
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """(N, K) -> (N, n_blocks, block_size), zero-padding K."""
+    n, k = w.shape
+    pad = (-k) % block_size
+    if pad:
+        w = np.concatenate([w, np.zeros((n, pad), w.dtype)], axis=1)
+    return w.reshape(n, -1, block_size)
+
+
+def symmetric_codes(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest symmetric block quantization: signed codes (N, n_blocks, bs) and scales (N, n_blocks).
+
+    The scale maps the block's largest-magnitude value to the most negative code (-8 or -128), the trick
+    llama.cpp's Q4_0 uses: the full signed range is used instead of leaving one code idle.
+    """
+    blocks = _blocks(np.asarray(w, np.float32), block_size)
+    lo = -(1 << (bits - 1))
+    idx = np.abs(blocks).argmax(axis=-1)
+    peak = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]            # signed, largest |w|
+    scales = (peak / lo).astype(np.float32)
+    safe = np.where(scales == 0, 1.0, scales)
+    codes = np.clip(np.rint(blocks / safe[..., None]), lo, -lo - 1).astype(np.int8)
+    return codes, scales
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes (..., bs) -> bytes; 4-bit: element 2j in the low nibble of byte j."""
+    codes = codes.astype(np.uint8)
+    if bits == 8:
+        return codes
+    return (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)
+
+
+def unpack_codes(blob: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return blob
+    out = np.empty(blob.shape[:-1] + (blob.shape[-1] * 2,), np.uint8)
+    out[..., 0::2] = blob & 0x0F
+    out[..., 1::2] = blob >> 4
+    return out
+
+
+def to_nbits(w: np.ndarray, bits: int, block_size: int) -> NBits:
+    """RTN symmetric MatMulNBits encoding of a (N, K) weight (K zero-padded to whole blocks)."""
+    n, k = w.shape
+    _check_block(block_size, k, must_divide=False)
+    codes, scales = symmetric_codes(w, bits, block_size)
+    offset = 1 << (bits - 1)
+    return NBits(bits, block_size, n, k, pack_codes(codes.astype(np.int16) + offset, bits), scales)
+
+
+# ----- ONNX DequantizeLinear (tensorrt dialect) --------------------------------------------------------
+@dataclass(frozen=True)
+class QDQ:
+    """A (K, N) MatMul weight as DequantizeLinear inputs."""
+
+    bits: int
+    block_size: int                   # 0 = per output channel
+    values: np.ndarray                # int8 (K, N): signed codes (int4 range for bits=4)
+    scales: np.ndarray                # float32 (K / bs, N) for blocks, (N,) per channel
+
+    def dequantize(self) -> np.ndarray:
+        """(K, N) float32."""
+        if self.block_size:
+            return self.values.astype(np.float32) * np.repeat(self.scales, self.block_size, axis=0)
+        return self.values.astype(np.float32) * self.scales[None, :]
+
+    def packed(self) -> bytes:
+        """ONNX raw data: INT8 as is; INT4 two per byte, low nibble first, row-major over (K, N)."""
+        if self.bits == 8:
+            return self.values.astype(np.int8).tobytes()
+        flat = self.values.reshape(-1).astype(np.uint8) & 0x0F
+        if flat.size % 2:
+            flat = np.append(flat, np.uint8(0))
+        return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def to_qdq_int4(w: np.ndarray, block_size: int) -> QDQ:
+    """Symmetric INT4 blocked along K for TensorRT; ``w`` is (N, K)."""
+    n, k = w.shape
+    _check_block(block_size, k, must_divide=True)
+    codes, scales = symmetric_codes(w, 4, block_size)                      # (N, nb, bs), (N, nb)
+    return QDQ(4, block_size, codes.reshape(n, k).T.copy(), scales.T.copy())
+
+
+def to_qdq_int8(w: np.ndarray) -> QDQ:
+    """Symmetric INT8 per output channel; ``w`` is (N, K)."""
+    w = np.asarray(w, np.float32)
+    scales = (np.abs(w).max(axis=1) / 127.0).astype(np.float32)            # (N,)
+    safe = np.where(scales == 0, 1.0, scales)
+    codes = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return QDQ(8, 0, codes.T.copy(), scales)
+
+
+def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric INT8 of a (V, H) table: codes (V, H) int8 and scales (V,) float32."""
+    q = to_qdq_int8(w)
+    return q.values.T.copy(), q.scales
