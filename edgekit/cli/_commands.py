@@ -7,3 +7,4 @@ from . import run_cmd  # noqa: F401  run, chat, bench
 from . import serve_cmd  # noqa: F401  serve
 from . import gpu_cmd  # noqa: F401  doctor, engine, selftest
 from . import flash_cmd  # noqa: F401  flash, releases
+from . import eval_cmd  # noqa: F401  eval

@@ -92,6 +92,18 @@ class OrtDecoder:
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Append ``tokens`` (int64, (S,)) to the cache and return the logits of the last one, (V,) float32."""
+        return self._run(tokens)[-1]
+
+    def step_all(self, tokens: np.ndarray) -> np.ndarray:
+        """Like ``step``, for a graph exported with logits="all": the logits of every new token, (S, V) float32."""
+        logits = self._run(tokens)
+        if logits.shape[0] != tokens.shape[0]:
+            raise GenerationError("this graph returns the logits of the last token only: export it with "
+                                  "logits='all' for step_all")
+        return logits
+
+    def _run(self, tokens: np.ndarray) -> np.ndarray:
+        """One graph run; the logits it returns, (S, V) or (1, V) for a "last" graph."""
         s = int(tokens.shape[0])
         if self.position + s > self.capacity:
             raise GenerationError(f"the KV cache is full ({self.capacity} tokens): start a new conversation or "
@@ -107,15 +119,15 @@ class OrtDecoder:
                 self.binding.bind_output("logits", self.device)
             self.session.run_with_iobinding(self.binding)
             if self.logits is not None:
-                logits = self.logits.numpy()[0, -1]  # a view on CPU: valid until the next step
+                logits = self.logits.numpy()[0]  # a view on CPU: valid until the next step
             else:
-                logits = self.binding.get_outputs()[-1].numpy()[0, -1]
+                logits = self.binding.get_outputs()[-1].numpy()[0]
         else:
             p = self.position
             feeds = {"input_ids": ids, **{f"past_{n}": c[:, :p] for n, c in self.cache.items()}}
             outs = dict(zip(self._out_names, self.session.run(None, feeds)))
             for n, c in self.cache.items():
                 c[:, p:p + s] = outs[f"new_{n}"]
-            logits = outs["logits"][0, -1]
+            logits = outs["logits"][0]
         self.position += s
         return logits
