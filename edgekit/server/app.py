@@ -1,0 +1,373 @@
+"""The ASGI app: OpenAI's chat-completions API over one loaded :class:`edgekit.runtime.model.Model`.
+
+``create_app(model)`` returns a Starlette app that can be driven without a port (tests) or run by uvicorn
+(``edgekit.server.serve``). Requests are validated and tokenized first (bad ones get a 4xx in OpenAI's
+error shape), then take a place at the generation slot (one generation at a time, ``max_queue`` waiting,
+429 beyond), then generate on a worker thread that streams events back to the event loop. A client that
+disconnects sets the runtime's ``cancel`` event, so its generation stops at the next token and the slot
+passes on; the slot is only released when the worker thread has really finished with the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..errors import GenerationError, UserInputError
+from .jobs import ChatResponse, Job, send_json
+from .metrics import ServerMetrics
+from .queue import GenerationSlot, QueueFull, ShuttingDown
+from .schemas import ApiError, bad, error_body, parse_chat, parse_json_body
+
+log = logging.getLogger("edgekit.server")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions")
+
+
+def default_model_id(model) -> str:
+    """The id clients see: the bundle folder's name (clients may send any model name; there is one)."""
+    return Path(model.manifest.folder).resolve().name or "edgekit"
+
+
+class ServerState:
+    """Everything the handlers share. Lives in ``app.state.server``; touched only on the event loop's thread."""
+
+    def __init__(self, *, api_key: str | None, max_queue: int, model_name: str | None, shutdown_timeout: float,
+                 max_body_bytes: int, thinking_budget: int | None = None):
+        self.model = None
+        self.thinking_budget = thinking_budget   # for requests that do not set one
+        self.model_id = model_name
+        self.api_key = api_key.encode("utf-8") if api_key else None
+        self.slot = GenerationSlot(max_queue)
+        self.metrics = ServerMetrics(max_queue)
+        self.shutdown_timeout = shutdown_timeout
+        self.max_body_bytes = max_body_bytes
+        self.draining = False
+        self.load_error: BaseException | None = None
+        self.active: Job | None = None
+        self.avg_generation_s = 1.0            # moving average, for Retry-After
+        self.started = int(time.time())
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+    def attach(self, model) -> None:
+        """The model is loaded: start serving it."""
+        self.model = model
+        if self.model_id is None:
+            self.model_id = default_model_id(model)
+        self.metrics.loaded.set(1)
+        self.metrics.context.set(model.max_context)
+        memory = getattr(model, "memory", None)
+        if memory is not None and hasattr(memory, "total_bytes"):
+            self.metrics.model_memory.set(memory.total_bytes)
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: refuse new work, drop the waiting line, give the running generation ``shutdown_timeout``."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.loaded.set(0)
+        self.slot.close()
+        if self.active is not None:
+            asyncio.get_running_loop().call_later(self.shutdown_timeout, self._cut_active)
+
+    def _cut_active(self) -> None:
+        if self.active is not None:
+            self.active.stop("shutdown")
+
+    def executor(self) -> ThreadPoolExecutor:
+        # One worker: generations are serialised by the slot anyway; created on first use, not at import.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgekit-generate")
+        return self._executor
+
+    def close(self) -> None:
+        if not self.draining:
+            self.begin_shutdown()
+        if self.active is not None:
+            self.active.stop("shutdown")
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    def join(self) -> None:
+        """Wait for the worker thread to let go of the model (after ``close``; it stops at the next token)."""
+        if self.active is not None:
+            self.active.cancel.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    # ----- helpers ------------------------------------------------------------------------------
+    def require_model(self):
+        if self.draining:
+            raise ApiError(503, "the server is shutting down: retry against another instance or after restart",
+                           type="server_error", code="shutting_down")
+        if self.model is None:
+            raise ApiError(503, "the model is still loading: retry when GET /health answers 200",
+                           type="server_error", code="model_loading", headers={"Retry-After": "5"})
+        return self.model
+
+    def retry_after(self) -> int:
+        """Seconds until a place in line is likely free: the line ahead times the average generation."""
+        return max(1, min(300, math.ceil(self.avg_generation_s * (self.slot.depth + 1))))
+
+
+# ----- endpoints ----------------------------------------------------------------------------------
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_big = ApiError(413, f"the request body is larger than {limit // (1024 * 1024)} MiB: send a shorter "
+                            "conversation", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise bad("the client disconnected while sending the request") from None
+    return b"".join(chunks)
+
+
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    model = state.require_model()
+    raw, ctype = await _read_body(request, state.max_body_bytes), request.headers.get("content-type")
+    if len(raw) > 64 * 1024:  # parsing megabytes would stall every other connection: do it off the loop
+        params = await run_in_threadpool(lambda: parse_chat(parse_json_body(raw, ctype)))
+    else:
+        params = parse_chat(parse_json_body(raw, ctype))
+    if params.thinking_budget is None and state.thinking_budget is not None:
+        params = dataclasses.replace(params, thinking_budget=state.thinking_budget)
+    try:
+        # Render the template and tokenize now (off the loop): a bad or too-long prompt is refused before it
+        # takes a place in line, with the numbers in the message.
+        prepared = await run_in_threadpool(lambda: model.request(**params.runtime_kwargs()))
+    except GenerationError as e:
+        raise bad(str(e), "messages") from None
+    n = len(prepared.prompt_ids)
+    if n >= model.max_context:
+        limit = model.manifest.max_context
+        raise ApiError(400, f"the prompt has {n} tokens but this server's context is {model.max_context} tokens "
+                            f"(prompt + completion): shorten the messages"
+                            + (f", or restart edgekit serve with a larger --max-context (this bundle allows up to "
+                               f"{limit})" if limit > model.max_context else ""),
+                       param="messages", code="context_length_exceeded")
+    if state.draining:
+        raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    try:
+        ticket = state.slot.enter()
+    except QueueFull:
+        raise ApiError(429, f"the server is busy: one generation is running and {state.slot.depth} requests are "
+                            f"waiting (the limit, --max-queue {state.slot.max_queue}); retry after the Retry-After "
+                            "seconds", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(state.retry_after())}) from None
+    except ShuttingDown:
+        raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+    state.metrics.queue_depth.set(state.slot.depth)
+    reasoning = prepared.in_reasoning or bool(model.defaults.get("reasoning"))
+    return ChatResponse(Job(state, model, params, ticket, n, reasoning))
+
+
+def _model_card(state: ServerState) -> dict:
+    card = {"id": state.model_id or "edgekit", "object": "model", "created": state.started, "owned_by": "edgekit"}
+    if state.model is not None:
+        card["max_context"] = state.model.max_context
+    return card
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(_state(request))]})
+
+
+async def get_model(request: Request) -> Response:
+    state = _state(request)
+    wanted = request.path_params["model_id"]
+    if wanted != (state.model_id or "edgekit"):
+        raise ApiError(404, f"model {wanted[:100]!r} does not exist: this server serves {state.model_id!r}",
+                       param="model", code="model_not_found")
+    return JSONResponse(_model_card(state))
+
+
+async def health(request: Request) -> Response:
+    state = _state(request)
+    if state.draining:
+        return JSONResponse({"status": "shutting down"}, status_code=503)
+    if state.load_error is not None:
+        return JSONResponse({"status": "failed", "error": str(state.load_error)}, status_code=503)
+    if state.model is None:
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"status": "ok", "model": state.model_id, "busy": state.slot.busy,
+                         "queue_depth": state.slot.depth})
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    state.metrics.queue_depth.set(state.slot.depth)
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# ----- errors and the guard -----------------------------------------------------------------------
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 404:
+        msg = (f"there is no {request.method} {request.url.path[:200]}: this server offers GET /health, "
+               "GET /metrics, GET /v1/models and POST /v1/chat/completions")
+        return JSONResponse(error_body(msg, code="unknown_url"), status_code=404)
+    if exc.status_code == 405:
+        msg = f"{request.method} is not allowed on {request.url.path}: use {exc.headers.get('Allow', 'another method')}"
+        return JSONResponse(error_body(msg, code="method_not_allowed"), status_code=405, headers=exc.headers)
+    return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+def _path_label(path: str) -> str:
+    if path in _PATHS:
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+
+
+class Guard:
+    """Outermost ASGI layer: API-key check, request counting by status, and no traceback to any client."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            denied = self._check_key(scope)
+            if denied is not None:
+                await send_json(counted, 401, denied.body(), denied.headers)
+            else:
+                await self.app(scope, receive, counted)
+        except Exception:  # logged here with its traceback; the client gets a generic 500
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if status == 0:
+                await send_json(counted, 500, error_body("internal server error; details are in the server log",
+                                                          type="server_error", code="internal_error"))
+        finally:
+            # no status at all: the client left before an answer was started (nginx's 499)
+            self.state.metrics.requests.inc(_path_label(scope.get("path", "")), str(status or 499))
+
+    def _check_key(self, scope) -> ApiError | None:
+        key = self.state.api_key
+        if key is None or scope.get("path") == "/health":
+            return None
+        given = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+        headers = {"WWW-Authenticate": "Bearer"}
+        if given is None:
+            return ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>' with the key "
+                                 "edgekit serve was started with", code="missing_api_key", headers=headers)
+        if not hmac.compare_digest(given, key):
+            return ApiError(401, "invalid API key: use the key edgekit serve was started with (--api-key or "
+                                 "--api-key-file)", code="invalid_api_key", headers=headers)
+        return None
+
+
+def create_app(model=None, *, api_key: str | None = None, max_queue: int = 8, model_name: str | None = None,
+               shutdown_timeout: float = 10.0, max_body_bytes: int = MAX_BODY_BYTES,
+               thinking_budget: int | None = None, loader: Callable[[], Any] | None = None,
+               on_ready: Callable[[ServerState], None] | None = None,
+               on_load_failed: Callable[[BaseException], None] | None = None) -> Starlette:
+    """The app for ``model`` (a loaded Model), or for the model ``loader()`` returns.
+
+    With a ``loader`` the app answers at once (``/health`` 503 "loading") and loads on a thread when the
+    server starts; ``on_ready(state)`` runs once requests are served and ``on_load_failed(exc)`` if loading
+    raised. ``thinking_budget`` is the default for requests that send none (smart-home integrations cannot
+    add extension fields). ``app.state.server`` is the :class:`ServerState` (slot, metrics, draining).
+    """
+    if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 0):
+        raise UserInputError(f"invalid thinking_budget {thinking_budget!r}: use a whole number of tokens >= 0")
+    state = ServerState(api_key=api_key, max_queue=max_queue, model_name=model_name,
+                        shutdown_timeout=shutdown_timeout, max_body_bytes=max_body_bytes,
+                        thinking_budget=thinking_budget)
+    if model is not None:
+        state.attach(model)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+        if loader is not None and state.model is None:
+            def load_on_thread() -> None:
+                try:
+                    loaded = loader()
+                except BaseException as e:  # reported through on_load_failed and /health
+                    done, arg = _load_failed, e
+                else:
+                    done, arg = _loaded, loaded
+                try:
+                    loop.call_soon_threadsafe(done, arg)
+                except RuntimeError:  # the server stopped while loading: nobody to tell
+                    pass
+
+            def _loaded(loaded) -> None:
+                state.attach(loaded)
+                if on_ready is not None:
+                    on_ready(state)
+
+            def _load_failed(exc: BaseException) -> None:
+                state.load_error = exc
+                if on_load_failed is not None:
+                    on_load_failed(exc)
+
+            # A daemon thread: an interrupted start must not wait for a half-done load.
+            threading.Thread(target=load_on_thread, name="edgekit-load", daemon=True).start()
+        elif on_ready is not None:
+            on_ready(state)
+        yield
+        state.close()
+
+    app = Starlette(
+        routes=[Route("/health", health, methods=["GET"]),
+                Route("/metrics", metrics, methods=["GET"]),
+                Route("/v1/models", list_models, methods=["GET"]),
+                Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+                Route("/v1/chat/completions", chat_completions, methods=["POST"])],
+        middleware=[Middleware(Guard, state=state)],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        lifespan=lifespan)
+    app.state.server = state
+    return app

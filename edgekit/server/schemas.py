@@ -1,0 +1,277 @@
+"""Request validation for the OpenAI chat-completions API, and errors in OpenAI's shape.
+
+Clients are written against OpenAI's API, so a bad request gets what OpenAI would send: a 4xx status and
+``{"error": {"message", "type", "param", "code"}}`` whose message says what was wrong and what is valid.
+Fields this server does not know are ignored (clients send many: ``user``, ``store``, ``tools``,
+``response_format`` ...); fields it knows are type- and range-checked here, before anything is tokenized.
+Extensions beyond OpenAI's fields (sent top-level, which is what the openai client's ``extra_body`` does):
+``thinking_budget``, ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_STOP = 16                 # OpenAI allows 4; a few more costs nothing here
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """An HTTP error answered in OpenAI's shape. Raised by handlers; never leaves the server."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """The request body as a JSON object, or a 4xx ApiError saying what is wrong with it."""
+    if content_type:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise ApiError(415, f"unsupported Content-Type {media[:100]!r}: send the body as JSON with "
+                                "Content-Type: application/json", code="unsupported_media_type")
+    if not raw.strip():
+        raise bad("the request body is empty: send a JSON object such as "
+                  '{"messages": [{"role": "user", "content": "Hello"}]}', code="invalid_json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"the request body is not valid UTF-8 (bad byte at offset {e.start}): send JSON encoded as "
+                  "UTF-8", code="invalid_json") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise bad("the JSON body is nested too deeply", code="invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"the body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+                  code="invalid_json") from None
+    except ValueError as e:   # NaN/Infinity, or an integer too long to convert
+        raise bad(f"the body is not valid JSON ({str(e)[:120]})", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise bad(f"the body must be a JSON object, got a JSON {_json_type(obj)}", code="invalid_json")
+    return obj
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _utf8(value: str, param: str) -> str:
+    # JSON may carry "\ud800" escapes: Python accepts the lone surrogate, the tokenizer would fail on it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{param} contains an unpaired UTF-16 surrogate (e.g. \\ud800): send valid Unicode text",
+                  param) from None
+    return value
+
+
+def _int(body: dict, name: str, lo: int, hi: int | None = None, what: str = "") -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise bad(f"{name} must be a whole number, got {_json_type(v)} {_show(v)}{what}", name, "invalid_type")
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise bad(f"invalid {name} {v}: use a whole number {rng}{what}", name)
+    return v
+
+
+def _float(body: dict, name: str, lo: float, hi: float, *, lo_open=False, hi_open=False, what="") -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise bad(f"{name} must be a number, got {_json_type(v)} {_show(v)}{what}", name, "invalid_type")
+    v = float(v)
+    below = v <= lo if lo_open else v < lo
+    above = v >= hi if hi_open else v > hi
+    if not math.isfinite(v) or below or above:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {'inf' if hi == math.inf else f'{hi:g}'}{')' if hi_open else ']'}"
+        raise bad(f"invalid {name} {v:g}: use a number in {rng}{what}", name)
+    return v
+
+
+def _bool(body: dict, name: str) -> bool | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, bool):
+        raise bad(f"{name} must be true or false, got {_json_type(v)} {_show(v)}", name, "invalid_type")
+    return v
+
+
+def _show(v: Any) -> str:
+    text = json.dumps(v, ensure_ascii=True) if not isinstance(v, str) else json.dumps(v[:40], ensure_ascii=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _content(value: Any, param: str, role: str) -> str:
+    if isinstance(value, str):
+        return _utf8(value, param)
+    if value is None:
+        if role in ("assistant", "tool"):
+            return ""  # an assistant turn that only made tool calls has no content
+        raise bad(f"{param} is missing: a {role} message needs text content", param, "invalid_type")
+    if isinstance(value, list):
+        parts = []
+        for i, part in enumerate(value):
+            where = f"{param}[{i}]"
+            if not isinstance(part, dict):
+                raise bad(f"{where} must be an object such as {{\"type\": \"text\", \"text\": \"...\"}}", where,
+                          "invalid_type")
+            kind = part.get("type")
+            if kind != "text":
+                raise bad(f"{where} has type {_show(kind)}: this model reads text only, send parts of type "
+                          "\"text\"", where, "unsupported_content")
+            if not isinstance(part.get("text"), str):
+                raise bad(f"{where}.text must be a string", f"{where}.text", "invalid_type")
+            parts.append(_utf8(part["text"], f"{where}.text"))
+        return "\n".join(parts)
+    raise bad(f"{param} must be a string or a list of text parts, got {_json_type(value)}", param, "invalid_type")
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if value is None:
+        raise bad("messages is required: a list such as [{\"role\": \"user\", \"content\": \"Hello\"}]",
+                  "messages", "missing_required_parameter")
+    if not isinstance(value, list) or not value:
+        raise bad(f"messages must be a non-empty list of message objects, got {_json_type(value)}"
+                  f"{' (empty)' if value == [] else ''}", "messages", "invalid_type")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"{where} must be an object with role and content, got {_json_type(m)}", where, "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"{where}.role {_show(role)} is not valid: use one of {', '.join(ROLES)}", f"{where}.role")
+        # "developer" is OpenAI's newer name for the system message; templates only know "system".
+        # An assistant turn's reasoning_content is not sent back to the model (DeepSeek's guidance for R1).
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": _content(m.get("content"), f"{where}.content", role)})
+    return out
+
+
+def _stop(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad("stop must be a string or a list of strings", "stop", "invalid_type")
+    if len(value) > MAX_STOP:
+        raise bad(f"stop has {len(value)} sequences: use at most {MAX_STOP}", "stop")
+    return [_utf8(s, "stop") for s in value if s]
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    messages: list[dict[str, str]]
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    thinking_budget: int | None = None
+    ignore_eos: bool = False
+
+    def runtime_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Model.stream``/``Model.request`` (None = the bundle's default)."""
+        return {"messages": self.messages, "max_new_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": self.stop,
+                "thinking_budget": self.thinking_budget, "ignore_eos": self.ignore_eos}
+
+
+def parse_chat(body: dict[str, Any]) -> ChatParams:
+    """Validate a chat-completions request body (already a JSON object); raises a 400 ApiError."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad(f"model must be a string, got {_json_type(model)}", "model", "invalid_type")
+    messages = _messages(body.get("messages"))
+
+    if body.get("n") not in (None, 1):
+        raise bad(f"n must be 1, got {_show(body['n'])}: this server returns one choice per request", "n")
+    # max_completion_tokens is OpenAI's current name; max_tokens the older one. Both count reasoning tokens.
+    mct = _int(body, "max_completion_tokens", 1)
+    max_tokens = mct if mct is not None else _int(body, "max_tokens", 1)
+
+    temperature = _float(body, "temperature", 0, 2)
+    top_p = _float(body, "top_p", 0, 1)
+    if top_p == 0:
+        # OpenAI accepts top_p 0; keeping the smallest set with mass >= 0 keeps the top token: greedy.
+        temperature, top_p = 0.0, None
+    for name in ("frequency_penalty", "presence_penalty"):   # accepted for compatibility, not applied
+        _float(body, name, -2, 2)
+    top_k = _int(body, "top_k", 0, what=" (0 = off)")
+    min_p = _float(body, "min_p", 0, 1, hi_open=True, what=" (0 = off)")
+    repetition_penalty = _float(body, "repetition_penalty", 0, math.inf, lo_open=True, hi_open=True,
+                                what=" (1 = off)")
+
+    seed = _int(body, "seed", -(2**63), 2**64 - 1)
+    if seed is not None and seed < 0:
+        seed %= 2**64  # OpenAI takes any 64-bit integer; the sampler wants a non-negative one
+
+    stream = bool(_bool(body, "stream"))
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad(f"stream_options must be an object, got {_json_type(options)}", "stream_options",
+                      "invalid_type")
+        if options.get("include_usage") not in (None, True, False):
+            raise bad("stream_options.include_usage must be true or false", "stream_options.include_usage",
+                      "invalid_type")
+        include_usage = bool(options.get("include_usage"))
+
+    return ChatParams(
+        messages=messages, stream=stream, include_usage=include_usage, max_tokens=max_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+        seed=seed, stop=_stop(body.get("stop")),
+        thinking_budget=_int(body, "thinking_budget", 0, what=" (reasoning tokens before the answer is forced)"),
+        ignore_eos=bool(_bool(body, "ignore_eos")))
