@@ -31,6 +31,7 @@ from .units import fmt_bytes
 # What the graph builder writes: dense floats, or INT8/INT4 weights through a quantizing codec.
 BUILDABLE = ("fp32", "fp16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
+METHODS = ("auto", "rtn", "awq")
 DIALECT_OF_BACKEND = {"tensorrt": "tensorrt", "onnxruntime-cuda": "ort", "onnxruntime-cpu": "ort"}
 # DeepSeek's published settings for the R1 models: temperature 0.6, top-p 0.95, no system prompt.
 R1_GENERATION = {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
@@ -64,16 +65,32 @@ class QuantOptions:
     block_size: int = 32            # INT4 block along K
     accuracy_level: int | None = None   # MatMulNBits; None: the codec's default
     lossless: bool = True           # carry GGUF block codes over where they map exactly
+    # "auto": a GGUF source keeps its own blocks (lossless) and rounds the rest to nearest; a float source
+    # gets activation-aware scaling. "rtn": round to nearest only. "awq": scaling, even for a GGUF source.
+    method: str = "auto"
+    calibration: Path | None = None     # the user's own calibration text (default: the built-in set)
+    calibration_tokens: int = 1024
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserInputError(f"unknown quantization method {self.method!r}: use one of {', '.join(METHODS)}")
 
 
-def build(model: str | Path | ModelSource, target: Target, *, output: Path, precision: str | None = None,
-          context: int = 4096, backend: str | None = None, force: bool = False, logits: str = "last",
-          quant: QuantOptions | None = None, progress: Progress | None = None) -> BuildResult:
-    """Build ``model`` for ``target`` into the bundle folder ``output``.
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything decided before any weight is read (``preflight``)."""
 
-    Refuses before any heavy work when the plan does not fit (``force`` builds anyway) or when the
-    precision/backend cannot run on the target. Raises EdgekitError subclasses with one-line messages.
-    """
+    source: ModelSource
+    plan: Plan
+    precision: str
+    options: GraphOptions
+    quant: QuantOptions
+
+
+def preflight(model: str | Path | ModelSource, target: Target, *, precision: str | None = None,
+              context: int = 4096, backend: str | None = None, force: bool = False, logits: str = "last",
+              quant: QuantOptions | None = None) -> BuildPlan:
+    """Every check that can fail before heavy work: model, plan, precision, fit, block size."""
     source = model if isinstance(model, ModelSource) else resolve(model)
     spec = source.spec
     precision = precision or default_precision(target, backend)
@@ -91,13 +108,42 @@ def build(model: str | Path | ModelSource, target: Target, *, output: Path, prec
             f"{fmt_bytes(the_plan.total_bytes)} but {target.name} has a budget of {fmt_bytes(the_plan.budget_bytes)}: "
             f"{hint}, or pass --force to build anyway (edgekit plan shows the breakdown)")
     dialect = DIALECT_OF_BACKEND[the_plan.backend]
+    quant = quant or QuantOptions()
+    if precision == "int4" and dialect == "tensorrt":
+        sizes = (spec.hidden_size, spec.intermediate_size, spec.q_size)
+        uneven = sorted({k for k in sizes if k % quant.block_size})
+        if uneven:
+            fitting = max((b for b in (16, 32, 64, 128) if not any(k % b for k in sizes)), default=16)
+            raise UserInputError(
+                f"INT4 block size {quant.block_size} does not divide the input size {uneven[0]} of "
+                f"{spec.name or 'this model'}'s linear layers, which TensorRT requires: use --block-size {fitting}")
     graph_float = "fp32" if the_plan.kv_dtype == "fp32" else "fp16"
     options = GraphOptions(dialect=dialect, precision=graph_float, max_context=context, logits=logits)
+    return BuildPlan(source, the_plan, precision, options, quant)
+
+
+def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output: Path,
+          precision: str | None = None, context: int = 4096, backend: str | None = None, force: bool = False,
+          logits: str = "last", quant: QuantOptions | None = None, progress: Progress | None = None) -> BuildResult:
+    """Build ``model`` for ``target`` into the bundle folder ``output``.
+
+    Refuses before any heavy work when the plan does not fit (``force`` builds anyway) or when the
+    precision/backend cannot run on the target. Raises EdgekitError subclasses with one-line messages.
+    ``model`` may be the result of :func:`preflight` (then the other planning arguments are ignored).
+    """
+    bp = model if isinstance(model, BuildPlan) else preflight(
+        model, target, precision=precision, context=context, backend=backend, force=force, logits=logits,
+        quant=quant)
+    source, spec, the_plan, precision, options, quant = bp.source, bp.source.spec, bp.plan, bp.precision, \
+        bp.options, bp.quant
 
     output = Path(output)
     reader = open_weights(source)
     try:
-        codec = _codec(precision, options, quant or QuantOptions(), reader)
+        awq = None
+        if precision in QUANTIZED and _uses_awq(quant, source):
+            reader, awq = _awq_reader(reader, spec, precision, quant, progress)
+        codec = _codec(precision, options, quant, reader)
         with staged_output(output, force=force) as tmp:
             report = (lambda done, total: progress("export", done, total)) if progress else None
             exported = export_onnx(reader, spec, tmp, options, codec=codec, progress=report)
@@ -111,7 +157,7 @@ def build(model: str | Path | ModelSource, target: Target, *, output: Path, prec
             manifest = _manifest(source, reader.fingerprint(), spec, target, the_plan, options, exported, special,
                                  template)
             if codec is not None:
-                manifest["quantization"] = _quant_section(codec, quant or QuantOptions())
+                manifest["quantization"] = _quant_section(codec, quant, awq)
             manifest = write_manifest(tmp, manifest)
             if progress:
                 progress("manifest", 1, 1)
@@ -126,15 +172,36 @@ def _codec(precision: str, options: GraphOptions, quant: QuantOptions, reader):
     from .quant.codec import DEFAULT_ACCURACY_LEVEL, QuantCodec
 
     dtype = "float32" if options.precision == "fp32" else "float16"
+    # An explicit level applies to every MatMulNBits (0 = exact fp32 compute, slow for the 8-bit LM head).
     level = DEFAULT_ACCURACY_LEVEL if quant.accuracy_level is None else quant.accuracy_level
     return QuantCodec(options.dialect, precision, dtype, block_size=quant.block_size, accuracy_level=level,
-                      reader=reader, lossless=quant.lossless)
+                      head_accuracy_level=quant.accuracy_level, reader=reader, lossless=quant.lossless)
 
 
-def _quant_section(codec, quant: QuantOptions) -> dict:
-    return {"method": "rtn", "weights": codec.precision, "block_size": quant.block_size,
+def _uses_awq(quant: QuantOptions, source: ModelSource) -> bool:
+    return quant.method == "awq" or (quant.method == "auto" and source.kind != "gguf")
+
+
+def _awq_reader(reader, spec, precision: str, quant: QuantOptions, progress: Progress | None):
+    """Calibrate, search the scales, and wrap the reader so the exporter sees scaled weights."""
+    from .calibration import calibration_token_batches, codec_from_reader
+    from .quant.awq import ScaledReader, compute_scales
+
+    sequences = calibration_token_batches(codec_from_reader(reader), quant.calibration, max_tokens=256,
+                                          total_tokens=quant.calibration_tokens)
+    report = (lambda done, total: progress("calibrate", done, total)) if progress else None
+    scales = compute_scales(reader, spec, sequences, bits=4 if precision == "int4" else 8,
+                            block_size=quant.block_size if precision == "int4" else 32, progress=report)
+    return ScaledReader(reader, scales), scales
+
+
+def _quant_section(codec, quant: QuantOptions, awq=None) -> dict:
+    method = "awq" if awq is not None else ("lossless+rtn" if codec.stats.lossless else "rtn")
+    extra = awq.summary() if awq is not None else {}
+    return {**extra, "method": method, "weights": codec.precision, "block_size": quant.block_size,
             "embedding_and_lm_head": "int8", "accuracy_level": codec.accuracy_level,
             "encoding": "MatMulNBits" if codec.dialect == "ort" else "DequantizeLinear", **codec.stats.to_dict()}
+
 
 
 def _is_r1(spec, template: str | None) -> bool:

@@ -25,6 +25,10 @@ class _Group(click.Group):
         except EdgekitError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except click.UsageError as e:  # click's own errors come with a usage block: keep them to one line
+            command = e.ctx.command_path if e.ctx else "edgekit"
+            click.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)

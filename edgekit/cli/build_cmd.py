@@ -50,7 +50,7 @@ class _Progress:
 @click.argument("model")
 @click.option("--target", "-t", "target_name", required=True, metavar="T", help="Device target (edgekit targets).")
 @click.option("--precision", "-p", default=None, metavar="P",
-              help="fp32 or fp16 [default: fp16 where the target runs it, else fp32].")
+              help="int4, int8, fp16 or fp32 [default: int4].")
 @click.option("--context", "-c", "context_text", default="4096", show_default=True, metavar="N",
               help="Maximum context (the static KV cache size), e.g. 4096 or 8k.")
 @click.option("--backend", "-b", default=None, metavar="B", help="tensorrt, onnxruntime-cuda or onnxruntime-cpu "
@@ -58,11 +58,21 @@ class _Progress:
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Bundle folder to write [default: ./<model>-<target>-<precision>].")
 @click.option("--force", is_flag=True, help="Replace an existing output; build even when the plan does not fit.")
+@click.option("--method", type=click.Choice(["auto", "rtn", "awq"]), default="auto", show_default=True,
+              help="INT4/INT8: auto = keep a GGUF's own blocks where exact, activation-aware scaling for "
+                   "checkpoints; rtn = round to nearest; awq = activation-aware scaling.")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True,
+              help="INT4 block size along the input dimension.")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default=None,
+              help="onnxruntime MatMulNBits: 4 = int8 compute (fast, default), 0 = fp32 compute (exact).")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Your own calibration text (.txt paragraphs or .jsonl chat messages) for --method awq.")
+@click.option("--no-lossless", is_flag=True, help="Re-quantize GGUF blocks instead of carrying them over.")
 def build_cmd(model: str, target_name: str, precision: str | None, context_text: str, backend: str | None,
-              output: Path | None, force: bool) -> None:
+              output: Path | None, force: bool, method: str, block_size: str, accuracy_level: str | None,
+              calibration: Path | None, no_lossless: bool) -> None:
     """Build MODEL (a folder, a .gguf file, a hub id or `smollm2`) into a bundle for a target."""
-    from ..build import build, default_precision
-    from ..sources import resolve
+    from ..build import QuantOptions, build, preflight
     from ..target import check_combination, load_target
 
     target = load_target(target_name)
@@ -70,17 +80,31 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
         precision = precision.strip().lower()
         check_combination(target, backend, precision)
     context = _parse_context(context_text)
-    source = resolve(model)
-    chosen = precision or default_precision(target, backend)
+    if calibration is not None:
+        from ..calibration import load_samples
+
+        load_samples(calibration)             # a bad file fails now, not after minutes of work
+    quant = QuantOptions(block_size=int(block_size), method=method, calibration=calibration,
+                         accuracy_level=None if accuracy_level is None else int(accuracy_level),
+                         lossless=not no_lossless)
+    bp = preflight(model, target, precision=precision, context=context, backend=backend, force=force, quant=quant)
+    source = bp.source
     if output is None:
         stem = (source.spec.name or Path(source.display).stem).replace("/", "-").replace(" ", "-")
-        output = Path(f"{stem}-{target.name}-{chosen}")
+        output = Path(f"{stem}-{target.name}-{bp.precision}")
+    if output.exists() and not force:
+        raise click.UsageError(f"{output} exists: pass --force to replace it, or choose another -o")
     click.echo(f"building {source.spec.name or source.display} ({source.spec.parameters:,} parameters) for "
-               f"{target.name} at {chosen}, context {context} -> {output}", err=True)
+               f"{target.name} at {bp.precision}, context {bp.options.max_context} -> {output}", err=True)
     with _Progress() as progress:
-        result = build(source, target, output=output, precision=chosen, context=context, backend=backend,
-                       force=force, progress=progress)
+        result = build(bp, target, output=output, force=force, progress=progress)
     m = result.manifest
+    q = m.get("quantization")
+    if q:
+        carried = sum(q.get("lossless", {}).values())
+        click.echo(f"quantization: {q['method']}, {q['weights']} block {q['block_size']}, embedding/LM head int8"
+                   + (f", {carried} tensors carried over exactly from the GGUF" if carried else "")
+                   + "".join(f"; {n} {why}" for why, n in q.get("requantized", {}).items()), err=True)
     size = sum(f["size"] for f in m["files"].values())
     click.echo(f"bundle {result.bundle}: {len(m['files'])} files, {size / 2**20:.1f} MiB, "
                f"{m['backend']} ({m['dialect']} graph), runtime needs {m['memory']['total_bytes'] / 2**20:.0f} MiB "

@@ -49,7 +49,8 @@ class QuantStats:
 
 class QuantCodec:
     def __init__(self, dialect: str, precision: str, float_dtype, *, block_size: int = 32,
-                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, reader=None, lossless: bool = True):
+                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, head_accuracy_level: int | None = None,
+                 reader=None, lossless: bool = True):
         if precision not in ("int4", "int8"):
             raise ValueError(precision)
         self.dialect, self.precision, self.dtype = dialect, precision, np.dtype(float_dtype)
@@ -57,6 +58,8 @@ class QuantCodec:
         self.bits = 4 if precision == "int4" else 8
         self.block_size = block_size
         self.accuracy_level = accuracy_level
+        # The INT8 LM head: onnxruntime's CPU kernel for 8-bit weights is only fast with int8 compute (level 4).
+        self.head_accuracy_level = DEFAULT_ACCURACY_LEVEL if head_accuracy_level is None else head_accuracy_level
         self.raw_reader = reader if lossless and reader is not None and hasattr(reader, "raw") else None
         self.stats = QuantStats()
         self._embed: dict | None = None
@@ -193,7 +196,7 @@ class QuantCodec:
         if self.dialect == "ort":
             enc: NBits = t["enc"]
             return b.op("MatMulNBits", flat, t["blob"], t["scales"], domain="com.microsoft", K=enc.k, N=enc.n,
-                        bits=8, block_size=enc.block_size, accuracy_level=self.accuracy_level,
+                        bits=8, block_size=enc.block_size, accuracy_level=self.head_accuracy_level,
                         name="lm_head/MatMulNBits")
         deq = b.op("DequantizeLinear", t["codes"], t["scales"], axis=0, name="lm_head/Dequantize")  # (V, H)
         return b.op("Gemm", flat, deq, transB=1, name="lm_head/Gemm")

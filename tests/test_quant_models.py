@@ -1,0 +1,142 @@
+"""Quantized bundles end to end: both dialects agree, TensorRT rules hold, GGUF blocks carried over exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgekit.build import QuantOptions, build
+from edgekit.export import GraphOptions, export_onnx
+from edgekit.quant.codec import QuantCodec
+from edgekit.runtime.ort_backend import OrtDecoder
+from edgekit.sources import open_weights, resolve
+from edgekit.target import load_target
+
+CONTEXT = 64
+
+
+def _decode(folder, dialect, spec, ids, steps=8):
+    dec = OrtDecoder(str(folder / "model.onnx"), dialect=dialect, spec=spec, capacity=CONTEXT, kv_dtype="float32")
+    rows, tokens = [dec.step(ids).copy()], []
+    for _ in range(steps):
+        tokens.append(int(np.argmax(rows[-1])))
+        rows.append(dec.step(np.array(tokens[-1:])).copy())
+    return np.stack(rows), tokens
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_both_dialects_agree_at_low_precision(tiny_qwen2_dir, tmp_path, precision):
+    """Same rounding (symmetric RTN, block 32) in MatMulNBits and in DequantizeLinear: same model, two graphs."""
+    source = resolve(tiny_qwen2_dir)
+    ids = np.random.default_rng(2).integers(0, source.spec.vocab_size, 10)
+    out = {}
+    for dialect in ("ort", "tensorrt"):
+        folder = tmp_path / dialect
+        folder.mkdir()
+        codec = QuantCodec(dialect, precision, np.float32, accuracy_level=0)
+        export_onnx(open_weights(source), source.spec, folder, GraphOptions(dialect, "fp32", CONTEXT), codec=codec)
+        out[dialect] = _decode(folder, dialect, source.spec, ids)
+    logits_ort, tokens_ort = out["ort"]
+    logits_trt, tokens_trt = out["tensorrt"]
+    # The prompt's logits: identical INT4 codes in both (INT8 linears: blocks of 32 vs per channel), the INT8
+    # embedding/LM head in blocks (ort) vs per row (tensorrt). Later rows follow each graph's own greedy tokens.
+    assert np.abs(logits_ort[0] - logits_trt[0]).max() < 0.1 * np.abs(logits_ort[0]).max()
+    assert tokens_ort[:2] == tokens_trt[:2]
+    assert np.corrcoef(logits_ort[0], logits_trt[0])[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_tensorrt_bundle_passes_the_checker(tiny_llama_dir, tmp_path, precision):
+    import onnx
+
+    from edgekit.export.trt_check import check_tensorrt_graph
+
+    result = build(tiny_llama_dir, load_target("orin-nano"), output=tmp_path / "b", precision=precision,
+                   context=CONTEXT, quant=QuantOptions(method="rtn"))
+    assert result.manifest["dialect"] == "tensorrt"
+    model = tmp_path / "b" / "model.onnx"
+    onnx.checker.check_model(str(model), full_check=True)
+    spec = resolve(tiny_llama_dir).spec
+    report = check_tensorrt_graph(model, spec)
+    assert report.ok, report.problems
+    # 4 quantized linears per layer (qkv, o, gate_up, down) + the INT8 LM head (tied: shares the embedding)
+    if precision == "int4":
+        assert report.quantized == {"int4": 4 * spec.num_layers, "int8": 1}
+    else:
+        assert report.quantized == {"int8": 4 * spec.num_layers + 1}
+
+
+def test_tensorrt_checker_catches_asymmetric_and_unblocked_int4(tiny_llama_dir, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgekit.export.trt_check import check_tensorrt_graph
+
+    build(tiny_llama_dir, load_target("orin-nano"), output=tmp_path / "b", precision="int4", context=CONTEXT,
+          quant=QuantOptions(method="rtn"))
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False)
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and "layers.0.qkv" in n.name)
+    for a in dq.attribute:
+        if a.name == "block_size":
+            a.i = 0
+    zp = helper.make_tensor("zp_bad", TensorProto.INT4, [1], [3])
+    model.graph.initializer.append(zp)
+    dq.input.append("zp_bad")
+    bad = tmp_path / "b" / "bad.onnx"
+    onnx.save(model, str(bad))
+    problems = check_tensorrt_graph(bad).problems
+    assert any("block_size > 0" in p for p in problems)
+    assert any("zero point is not zero" in p for p in problems)
+
+
+def test_block_size_that_does_not_divide_k_is_refused_before_work(tiny_qwen2_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+
+    r = CliRunner().invoke(cli, ["build", str(tiny_qwen2_dir), "-t", "orin-nano", "-p", "int4", "-c", "64",
+                                 "--block-size", "64", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "block size 64 does not divide the input size 96" in r.output and "use --block-size 32" in r.output
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_awq_beats_round_to_nearest(tiny_qwen2_dir, tmp_path):
+    from edgekit.evaluate import evaluate
+
+    scores = {}
+    for method in ("rtn", "awq"):
+        build(tiny_qwen2_dir, load_target("cpu"), output=tmp_path / method, precision="int4", context=128,
+              quant=QuantOptions(method=method, accuracy_level=0))
+        scores[method] = evaluate(tmp_path / method, str(tiny_qwen2_dir), max_tokens=256)
+    assert scores["awq"].mean_kl < scores["rtn"].mean_kl
+    manifest = (tmp_path / "awq" / "manifest.json").read_text()
+    assert '"method": "awq"' in manifest and '"calibration_tokens"' in manifest
+
+
+def test_smollm2_q4_1_imported_losslessly(smollm2_gguf, tmp_path):
+    """INT4 bundle from the Q4_1 GGUF, fp32 compute: logits within 1e-3 of transformers, same greedy tokens."""
+    import torch
+
+    from edgekit.runtime.model import load
+    from refs import hf_gguf_model
+
+    result = build(smollm2_gguf, load_target("cpu"), output=tmp_path / "b", precision="int4", context=256,
+                   quant=QuantOptions(accuracy_level=0))
+    q = result.manifest["quantization"]
+    assert q["lossless"] == {"Q4_1": 210, "Q8_0": 1} and q["requantized"] == {}
+    model = load(tmp_path / "b")
+    ref = hf_gguf_model(smollm2_gguf)
+    ids = model.codec.encode(model.codec.render(model.chat_prompt("Why is the sky blue?")), add_special_tokens=False)
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0].tolist()
+        ref_logits = ref(torch.tensor([expected])).logits[0].numpy()          # every position, full precision
+    dec = model.decoder
+    dec.reset()
+    got = [dec.step(np.array(ids)).copy()]
+    for t in expected[len(ids):-1]:
+        got.append(dec.step(np.array([t])).copy())
+    diff = np.abs(np.stack(got) - ref_logits[len(ids) - 1:len(expected) - 1]).max()
+    assert diff < 1e-3, f"max logit difference {diff}"
+    assert model.generate(prompt=None, messages=model.chat_prompt("Why is the sky blue?"), max_new_tokens=32,
+                          temperature=0).tokens == expected[len(ids):]
