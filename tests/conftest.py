@@ -44,7 +44,7 @@ def _build(source, out: Path, **kw) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_qwen2_dir, tmp_path_factory) -> Path:
     """fp32 cpu bundle of the tiny Qwen2 (ort dialect), context 256."""
-    return _build(tiny_qwen2_dir, tmp_path_factory.mktemp("bundles") / "tiny-qwen2", context=256)
+    return _build(tiny_qwen2_dir, tmp_path_factory.mktemp("bundles") / "tiny-qwen2", context=256, precision="fp32")
 
 
 @pytest.fixture(scope="session")
