@@ -14,13 +14,13 @@ interrupted or failed build leaves nothing that looks like a bundle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
 from .errors import DoesNotFit, UserInputError
-from .export import GraphOptions, export_onnx
+from .export import ExportResult, GraphOptions, export_onnx
 from .plan import Plan, plan
 from .runtime.bundle import SCHEMA, write_manifest
 from .sources import ModelSource, open_weights, resolve
@@ -124,12 +124,14 @@ def preflight(model: str | Path | ModelSource, target: Target, *, precision: str
 
 def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output: Path,
           precision: str | None = None, context: int = 4096, backend: str | None = None, force: bool = False,
-          logits: str = "last", quant: QuantOptions | None = None, progress: Progress | None = None) -> BuildResult:
+          logits: str = "last", quant: QuantOptions | None = None, progress: Progress | None = None,
+          cache_dir: Path | None = None) -> BuildResult:
     """Build ``model`` for ``target`` into the bundle folder ``output``.
 
     Refuses before any heavy work when the plan does not fit (``force`` builds anyway) or when the
     precision/backend cannot run on the target. Raises EdgekitError subclasses with one-line messages.
     ``model`` may be the result of :func:`preflight` (then the other planning arguments are ignored).
+    ``cache_dir``: reuse (and keep) exported graphs there (:mod:`edgekit.export_cache`).
     """
     bp = model if isinstance(model, BuildPlan) else preflight(
         model, target, precision=precision, context=context, backend=backend, force=force, logits=logits,
@@ -140,13 +142,14 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
     output = Path(output)
     reader = open_weights(source)
     try:
-        awq = None
-        if precision in QUANTIZED and _uses_awq(quant, source):
-            reader, awq = _awq_reader(reader, spec, precision, quant, progress)
-        codec = _codec(precision, options, quant, reader)
+        key = None
+        if cache_dir is not None:
+            from .export_cache import cache_key
+
+            key = cache_key(reader.fingerprint(), options=options, precision=precision, quant=quant)
         with staged_output(output, force=force) as tmp:
-            report = (lambda done, total: progress("export", done, total)) if progress else None
-            exported = export_onnx(reader, spec, tmp, options, codec=codec, progress=report)
+            exported, quantization = _export(reader, source, tmp, options, precision, quant, progress,
+                                             cache_dir, key)
             special = reader.special_tokens()
             (tmp / "tokenizer.json").write_text(reader.tokenizer_json(), encoding="utf-8")
             template = reader.chat_template()
@@ -156,14 +159,37 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
                 progress("tokenizer", 1, 1)
             manifest = _manifest(source, reader.fingerprint(), spec, target, the_plan, options, exported, special,
                                  template)
-            if codec is not None:
-                manifest["quantization"] = _quant_section(codec, quant, awq)
+            if quantization is not None:
+                manifest["quantization"] = quantization
             manifest = write_manifest(tmp, manifest)
             if progress:
                 progress("manifest", 1, 1)
     finally:
         reader.close()
     return BuildResult(output, the_plan, manifest)
+
+
+def _export(reader, source, tmp: Path, options: GraphOptions, precision: str, quant: QuantOptions,
+            progress: Progress | None, cache_dir: Path | None, key: str | None):
+    """The graph (from the cache when an identical export exists) and the manifest's quantization section."""
+    from . import export_cache
+
+    if key is not None:
+        meta = export_cache.restore(cache_dir, key, tmp)
+        if meta is not None:
+            if progress:
+                progress("export (cached)", 1, 1)
+            return ExportResult(**meta["export"]), meta["quantization"]
+    awq = None
+    if precision in QUANTIZED and _uses_awq(quant, source):
+        reader, awq = _awq_reader(reader, source.spec, precision, quant, progress)
+    codec = _codec(precision, options, quant, reader)
+    report = (lambda done, total: progress("export", done, total)) if progress else None
+    exported = export_onnx(reader, source.spec, tmp, options, codec=codec, progress=report)
+    quantization = _quant_section(codec, quant, awq) if codec is not None else None
+    if key is not None:
+        export_cache.store(cache_dir, key, tmp, {"export": asdict(exported), "quantization": quantization})
+    return exported, quantization
 
 
 def _codec(precision: str, options: GraphOptions, quant: QuantOptions, reader):

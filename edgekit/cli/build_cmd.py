@@ -46,6 +46,13 @@ class _Progress:
         self.bar.update(self.tasks[stage], completed=done if total else 1)
 
 
+def _default_cache() -> Path:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgekit" / "exports"
+
+
 @cli.command("build")
 @click.argument("model")
 @click.option("--target", "-t", "target_name", required=True, metavar="T", help="Device target (edgekit targets).")
@@ -68,9 +75,13 @@ class _Progress:
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Your own calibration text (.txt paragraphs or .jsonl chat messages) for --method awq.")
 @click.option("--no-lossless", is_flag=True, help="Re-quantize GGUF blocks instead of carrying them over.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where exports are kept for reuse by later builds [default: $XDG_CACHE_HOME/edgekit or "
+                   "~/.cache/edgekit].")
+@click.option("--no-cache", is_flag=True, help="Neither reuse nor keep exports.")
 def build_cmd(model: str, target_name: str, precision: str | None, context_text: str, backend: str | None,
               output: Path | None, force: bool, method: str, block_size: str, accuracy_level: str | None,
-              calibration: Path | None, no_lossless: bool) -> None:
+              calibration: Path | None, no_lossless: bool, cache_dir: Path | None, no_cache: bool) -> None:
     """Build MODEL (a folder, a .gguf file, a hub id or `smollm2`) into a bundle for a target."""
     from ..build import QuantOptions, build, preflight
     from ..target import check_combination, load_target
@@ -97,7 +108,8 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
     click.echo(f"building {source.spec.name or source.display} ({source.spec.parameters:,} parameters) for "
                f"{target.name} at {bp.precision}, context {bp.options.max_context} -> {output}", err=True)
     with _Progress() as progress:
-        result = build(bp, target, output=output, force=force, progress=progress)
+        result = build(bp, target, output=output, force=force, progress=progress,
+                       cache_dir=None if no_cache else (cache_dir or _default_cache()))
     m = result.manifest
     q = m.get("quantization")
     if q:
