@@ -14,25 +14,24 @@ _FILLER = ("The robot checked the kitchen lights, the door sensors and the therm
            "about what it had seen and what it planned to do next. ")
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (VmHWM), MiB; 0 where /proc is absent."""
+def _status_mib(key: str) -> float:
+    """A memory line of /proc/self/status (``VmHWM``, ``VmRSS``) in MiB; 0 where /proc is absent."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process."""
+    return _status_mib("VmHWM")
 
 
 def rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _status_mib("VmRSS")
 
 
 def prompt_of(model, n: int) -> list[int]:
