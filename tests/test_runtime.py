@@ -222,3 +222,21 @@ def test_stop_matcher_holds_back_partial_stops():
     assert m.feed("OP and more") == ("", True)
     m = StopMatcher(["xyz"])
     assert m.feed("abx") == ("ab", False) and m.finish() == "x"
+
+
+def test_graph_that_reads_weights_outside_the_bundle_is_refused(tiny_bundle, copy_bundle):
+    """model.onnx names its own weight files: one pointing out of the bundle is refused before onnxruntime."""
+    import onnx
+
+    from edgekit.runtime.bundle import read_manifest, write_manifest
+    from edgekit.runtime.onnx_refs import external_locations
+
+    bad = copy_bundle(tiny_bundle)
+    assert set(external_locations((bad / "model.onnx").read_bytes())) == {"model.onnx.data"}
+    model = onnx.load(str(bad / "model.onnx"), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.external_data)
+    next(e for e in tensor.external_data if e.key == "location").value = "../../etc/passwd"
+    onnx.save(model, str(bad / "model.onnx"))
+    write_manifest(bad, read_manifest(bad).to_dict())      # re-hashed: the manifest alone cannot tell
+    with pytest.raises(BundleError, match=r"reads its weights from '../../etc/passwd', which is not a file"):
+        load(bad)

@@ -113,6 +113,23 @@ class Model:
         self.decoder = None
 
 
+def _check_external_data(manifest, graph_path: Path) -> None:
+    """Every weight file the ONNX graph names must be a file of the bundle (no ``..``, no absolute paths)."""
+    from .onnx_refs import external_locations
+
+    try:
+        locations = set(external_locations(graph_path.read_bytes()))
+    except ValueError as e:
+        raise BundleError(f"{graph_path} is not a readable ONNX model ({e}): rebuild or re-copy the bundle") from None
+    graph_dir = graph_path.parent.relative_to(manifest.folder).as_posix()
+    for location in sorted(locations):
+        name = location if graph_dir == "." else f"{graph_dir}/{location}"
+        if location.startswith(("/", "\\")) or ".." in location.replace("\\", "/").split("/") or \
+                name not in manifest.files:
+            raise BundleError(f"{graph_path.name} reads its weights from {location!r}, which is not a file of the "
+                              "bundle: the bundle is corrupt or hostile; do not use it")
+
+
 def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: int | str | None = None,
          backend: str = "auto", threads: int | None = None, verify_weights: bool = False) -> Model:
     """Load a bundle, checking it and the memory budget before anything is allocated.
@@ -131,7 +148,8 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
         raise BackendUnavailable(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     chosen = manifest.backend if backend == "auto" else backend
     if chosen not in (*ORT_BACKENDS, "tensorrt"):
-        raise BundleError(f"bundle {bundle} is for backend {chosen!r}, which edgekit {__name__} does not know")
+        raise BundleError(f"bundle {bundle} is for backend {chosen!r}, which this edgekit does not know: "
+                          "upgrade edgekit, or rebuild the bundle")
     built = int(manifest.max_context)
     context = built if max_context is None else max_context
     if not isinstance(context, int) or isinstance(context, bool) or not 2 <= context <= built:
@@ -148,7 +166,9 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
         return Model(manifest, open_engine_decoder(manifest, capacity=context), codec, context, need)
     from .ort_backend import OrtDecoder
 
-    decoder = OrtDecoder(str(manifest.path(manifest.graph["file"])), dialect=manifest.dialect, spec=manifest.spec(),
+    graph_path = manifest.path(manifest.graph["file"])
+    _check_external_data(manifest, graph_path)
+    decoder = OrtDecoder(str(graph_path), dialect=manifest.dialect, spec=manifest.spec(),
                          capacity=context, kv_dtype=manifest.graph.get("kv_dtype", "float32"), backend=chosen,
                          threads=threads)
     return Model(manifest, decoder, codec, context, need)
