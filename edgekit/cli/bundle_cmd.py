@@ -41,7 +41,8 @@ def _summary(m) -> list[str]:
         f"context     {m.max_context} tokens",
         f"memory      {fmt_bytes(mem['total_bytes'])} = weights {fmt_bytes(mem['weights_bytes'])} + KV cache "
         f"{fmt_bytes(mem['kv_cache_bytes'])} ({fmt_bytes(mem['kv_bytes_per_token'])}/token) + workspace "
-        f"{fmt_bytes(mem['workspace_bytes'])}",
+        f"{fmt_bytes(mem['workspace_bytes'])} + runtime {fmt_bytes(mem.get('overhead_bytes', 0))}",
+        *_quantization(m.data.get("quantization")),
         f"tokenizer   {_clean(tok['file'])}, chat template {_clean(tok['chat_template'] or 'none')}",
         f"generation  temperature {_clean(gen['temperature'])}, top_p {_clean(gen['top_p'])}, "
         f"top_k {_clean(gen['top_k'])}, max_new_tokens {_clean(gen['max_new_tokens'])}, "
@@ -79,3 +80,14 @@ def verify_cmd(bundle: str, no_weights: bool) -> None:
     report = verify(bundle, weights=not no_weights)
     report.raise_for_problems()
     click.echo(report.summary())
+
+
+def _quantization(q) -> list[str]:
+    """One line on how INT4/INT8 weights were made (nothing for float bundles)."""
+    if not isinstance(q, dict):
+        return []
+    carried = sum(v for v in (q.get("lossless") or {}).values() if isinstance(v, int))
+    text = (f"quantized   {_clean(q.get('method'))}, {_clean(q.get('weights'))} block {_clean(q.get('block_size'))}, "
+            f"embedding/LM head {_clean(q.get('embedding_and_lm_head'))}, {_clean(q.get('encoding'))} "
+            f"accuracy_level {_clean(q.get('accuracy_level'))}")
+    return [text + (f", {carried} tensors carried over exactly from the GGUF" if carried else "")]
