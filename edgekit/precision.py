@@ -123,6 +123,18 @@ def policy(precision: str, *, int4_block_size: int | None = None) -> PrecisionPo
     return PrecisionPolicy("int4", block, p.embedding, p.lm_head, int4_block_size=int4_block_size)
 
 
+def _on_cpu(pol: PrecisionPolicy) -> PrecisionPolicy:
+    """onnxruntime's CPU MatMulNBits takes scales in the activation type (fp32), and its INT8 LM head is
+    stored in blocks of 128 input features (one scale per block); the embedding keeps one scale per row."""
+    def fp32(f: WeightFormat) -> WeightFormat:
+        return WeightFormat(f.dtype, f.scheme, f.block_size, "fp32") if f.scale_dtype == "fp16" else f
+
+    head = pol.lm_head
+    if head.dtype == "int8":
+        head = WeightFormat("int8", "block", 128, "fp32")
+    return PrecisionPolicy(pol.precision, fp32(pol.linear), fp32(pol.embedding), head, pol.int4_block_size)
+
+
 def compute_dtype(precision: str, device: str) -> str:
     """Dtype of activations, norms and the KV cache for weights at ``precision`` on ``device`` (gpu/cpu)."""
     return COMPUTE_DTYPE[device][precision]
@@ -149,6 +161,8 @@ def weight_bytes(spec: "ModelSpec", precision: str, device: str = "gpu", *,
     """What the weights of ``spec`` take at ``precision`` when run on ``device`` ("gpu" or "cpu")."""
     pol = policy(precision, int4_block_size=int4_block_size)
     small_dtype = compute_dtype(precision, device)
+    if device == "cpu":
+        pol = _on_cpu(pol)
     h, vocab, layers = spec.hidden_size, spec.vocab_size, spec.num_layers
 
     linears = layers * sum(pol.linear.nbytes(o, i) for o, i in spec.linear_shapes.values())

@@ -87,7 +87,7 @@ class DenseCodec:
             y = b.op("Add", y, b.weight(f"{name}.bias", bias.astype(self.dtype)), name=f"{name}/BiasAdd")
         return y
 
-    def embedding(self, b: GraphBuilder, ids: str, weight: np.ndarray) -> str:
+    def embedding(self, b: GraphBuilder, ids: str, weight: np.ndarray, tied: bool = False) -> str:
         self._embed = b.weight("embed.weight", weight.astype(self.dtype))            # (V, hidden)
         return b.op("Gather", self._embed, ids, axis=0, name="embed/Gather")          # (B, S, hidden)
 
@@ -154,7 +154,7 @@ class DecoderWriter:
         cos, sin = rope_tables(spec, opts.max_context, self.np_dtype, freq_factors)
         self.cos, self.sin = b.weight("rope.cos", cos), b.weight("rope.sin", sin)  # (max_context, D/2)
 
-        hidden = self.codec.embedding(b, ids, self.w("embed.weight"))                    # (B, S, hidden)
+        hidden = self.codec.embedding(b, ids, self.w("embed.weight"), spec.tie_word_embeddings)                    # (B, S, hidden)
         if opts.dialect == "tensorrt":
             self._position_setup(ids)
 

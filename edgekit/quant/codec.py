@@ -29,7 +29,9 @@ from onnx import TensorProto
 from .encodings import NBits, QDQ, to_nbits, to_qdq_int4, to_qdq_int8
 from .gguf_blocks import nbits_from_gguf, qdq_int4_from_q4_0
 
-EMBED_BLOCK = 32           # block size of the INT8 embedding / LM head in the ort dialect
+# INT8 LM head (MatMulNBits) block: 8-bit codes need few scales, and fp32 scales per 32 values would add 12%
+# to the largest tensor; the largest of these that divides K (no padding).
+HEAD_BLOCKS = (128, 64, 32)
 # MatMulNBits accuracy_level: 4 = activations quantized to int8 for the dot products (much faster on CPUs with
 # VNNI/AVX-512, ~0.5% relative error on a layer's output); 0 = fp32 compute (exact dequantized weights).
 DEFAULT_ACCURACY_LEVEL = 4
@@ -156,25 +158,29 @@ class QuantCodec:
                    np.concatenate([e.scales for e in encs], axis=1))
 
     # ----- embedding and LM head: INT8 ----------------------------------------------------------
-    def _table(self, b, weight: np.ndarray, name: str, canonical: str) -> dict:
-        """Store a (V, H) table once in the dialect's INT8 form; returns the initializer names."""
+    def _table(self, b, weight: np.ndarray, name: str, canonical: str, *, per_row: bool = False) -> dict:
+        """Store a (V, H) table once in INT8: MatMulNBits blocks (ort LM head, or an embedding it shares),
+        or per row (tensorrt; an ort embedding that only Gather reads)."""
         if self.dialect == "ort":
             encs = self._lossless_nbits([(canonical, None)])
             enc = encs[0] if encs and encs[0].bits == 8 and encs[0].zero_point is None else None
-            if enc is None:
-                enc = to_nbits(weight, 8, EMBED_BLOCK)
+            if enc is None and not per_row:
+                block = next((bs for bs in HEAD_BLOCKS if weight.shape[1] % bs == 0), HEAD_BLOCKS[-1])
+                enc = to_nbits(weight, 8, block)
                 self.stats.requantized["round-to-nearest from floats"] += 1
-            return {"enc": enc, "blob": b.weight(f"{name}.qweight", enc.blob),
-                    "scales": b.weight(f"{name}.scales", enc.scales.reshape(-1).astype(self.dtype))}
+            if enc is not None:
+                return {"enc": enc, "blob": b.weight(f"{name}.qweight", enc.blob),
+                        "scales": b.weight(f"{name}.scales", enc.scales.reshape(-1).astype(self.dtype))}
         enc = to_qdq_int8(weight)                                    # (H, V) codes, (V,) scales
-        self.stats.requantized["symmetric round-to-nearest for TensorRT"] += 1
+        self.stats.requantized["symmetric round-to-nearest for TensorRT" if self.dialect == "tensorrt" else
+                               "round-to-nearest from floats"] += 1
         codes = np.ascontiguousarray(enc.values.T)                   # (V, H): rows are tokens
         return {"codes": b.weight(f"{name}.qweight", codes), "scales": b.weight(f"{name}.scales",
                                                                                   enc.scales.astype(self.dtype))}
 
-    def embedding(self, b, ids: str, weight: np.ndarray) -> str:
-        t = self._embed = self._table(b, weight, "embed", "embed.weight")
-        if self.dialect == "ort":
+    def embedding(self, b, ids: str, weight: np.ndarray, tied: bool = False) -> str:
+        t = self._embed = self._table(b, weight, "embed", "embed.weight", per_row=not tied)
+        if "enc" in t:
             enc: NBits = t["enc"]
             codes = b.op("Gather", t["blob"], ids, axis=0, name="embed/GatherCodes")        # (B, S, nb, bs) uint8
             vals = b.op("Sub", b.op("Cast", codes, to=self.onnx_float, name="embed/Cast"),
@@ -193,7 +199,7 @@ class QuantCodec:
 
     def lm_head(self, b, flat: str, weight: np.ndarray | None) -> str:
         t = self._embed if weight is None else self._table(b, weight, "lm_head", "lm_head.weight")
-        if self.dialect == "ort":
+        if "enc" in t:
             enc: NBits = t["enc"]
             return b.op("MatMulNBits", flat, t["blob"], t["scales"], domain="com.microsoft", K=enc.k, N=enc.n,
                         bits=8, block_size=enc.block_size, accuracy_level=self.head_accuracy_level,
