@@ -218,8 +218,10 @@ def spread(samples: list, step: int = 6) -> list:
     return [samples[i] for start in range(step) for i in range(start, len(samples), step)]
 
 
-def _reference_text(ref: Reference, max_tokens: int, cap: int,
-                    progress: Progress | None) -> tuple[list[list[int]], list[int]]:
+def reference_text(ref: Reference, max_tokens: int, cap: int,
+                   progress: Progress | None = None) -> tuple[list[list[int]], list[int]]:
+    """The reference's greedy answers to calibration prompts: (prompt + answer token sequences, index of the
+    position predicting each answer's first token), ``max_tokens`` answer tokens in all, each within ``cap``."""
     from .calibration import encode_prompt, load_samples
 
     sequences, starts, total = [], [], 0
@@ -303,7 +305,7 @@ def evaluate(bundle: str | Path, reference, *, text: str | Path | None = None, m
         check_same_tokenizer(str(bundle), manifest.path(manifest.tokenizer["file"]).read_text(encoding="utf-8"),
                              str(reference), ref.tokenizer_json)
         if text is None:
-            sequences, starts = _reference_text(ref, max_tokens, cap, progress)
+            sequences, starts = reference_text(ref, max_tokens, cap, progress)
         else:
             sequences, starts = _file_text(ref.codec, Path(text), max_tokens, cap)
             if not sequences:
