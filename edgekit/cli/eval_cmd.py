@@ -19,10 +19,12 @@ from . import cli, echo_json
 @click.option("--max-tokens", type=click.IntRange(1), default=512, show_default=True,
               help="Token positions to score.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads [default: all].")
+@click.option("--backend", default="auto", show_default=True,
+              help="How to run the bundle: auto, onnxruntime-cpu, onnxruntime-cuda or tensorrt.")
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Keep the reference's fp32 export here and reuse it next time [default: a temporary folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-def eval_cmd(bundle: Path, reference: str, text: Path | None, max_tokens: int, threads: int | None,
+def eval_cmd(bundle: Path, reference: str, text: Path | None, max_tokens: int, threads: int | None, backend: str,
              work_dir: Path | None, as_json: bool) -> None:
     """Compare BUNDLE with its reference on the same tokens: top-1 agreement, KL divergence, perplexity."""
     from ..evaluate import GENERATED, evaluate
@@ -30,7 +32,7 @@ def eval_cmd(bundle: Path, reference: str, text: Path | None, max_tokens: int, t
 
     with _Progress() as progress:
         result = evaluate(bundle, reference, text=text, max_tokens=max_tokens, threads=threads,
-                          work_dir=work_dir, progress=progress)
+                          backend=backend, work_dir=work_dir, progress=progress)
     if as_json:
         echo_json({"bundle": str(bundle), **result.to_dict(), "seconds": round(result.seconds, 1)})
         return
