@@ -365,7 +365,8 @@ def _prepare_llama(model: str, source: str, args, d: Path) -> list[dict]:
         _ensure(d / "f16.gguf.done", "writing the F16 GGUF for llama.cpp",
                 lambda: worker("gguf-f16", {"src": source, "dst": src}, d / "logs" / "gguf-f16.log"))
     _ensure(d / "q4_0.gguf.done", "llama.cpp quantize -> Q4_0", lambda: worker(
-        "quantize", {"src": src, "dst": str(q40), "type": "Q4_0", "threads": args.threads}, d / "logs" / "quantize.log"))
+        "quantize", {"src": src, "dst": str(q40), "type": "Q4_0", "threads": args.threads},
+        d / "logs" / "quantize.log"))
     rows = [{"label": "llama.cpp Q4_0", "peer": "llama.cpp", "path": str(q40)}]
     if model == "smollm2":
         rows.append({"label": "llama.cpp Q4_1 (GGUF as is)", "peer": "llama.cpp", "path": source})
