@@ -70,6 +70,7 @@ class QuantOptions:
     method: str = "auto"
     calibration: Path | None = None     # the user's own calibration text (default: the built-in set)
     calibration_tokens: int = 1024
+    head_bits: int = 8              # the LM head: 8 (default, the precision policy) or 4 (faster, less faithful)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -201,7 +202,8 @@ def _codec(precision: str, options: GraphOptions, quant: QuantOptions, reader):
     # An explicit level applies to every MatMulNBits (0 = exact fp32 compute, slow for the 8-bit LM head).
     level = DEFAULT_ACCURACY_LEVEL if quant.accuracy_level is None else quant.accuracy_level
     return QuantCodec(options.dialect, precision, dtype, block_size=quant.block_size, accuracy_level=level,
-                      head_accuracy_level=quant.accuracy_level, reader=reader, lossless=quant.lossless)
+                      head_accuracy_level=quant.accuracy_level, head_bits=quant.head_bits, reader=reader,
+                      lossless=quant.lossless)
 
 
 def _uses_awq(quant: QuantOptions, source: ModelSource) -> bool:
@@ -224,11 +226,10 @@ def _awq_reader(reader, spec, precision: str, quant: QuantOptions, progress: Pro
 def _quant_section(codec, quant: QuantOptions, awq=None) -> dict:
     method = "awq" if awq is not None else ("lossless+rtn" if codec.stats.lossless else "rtn")
     extra = awq.summary() if awq is not None else {}
+    head = "int8" if quant.head_bits == 8 else "embedding int8, LM head int4"
     return {**extra, "method": method, "weights": codec.precision, "block_size": quant.block_size,
-            "embedding_and_lm_head": "int8", "accuracy_level": codec.accuracy_level,
+            "embedding_and_lm_head": head, "accuracy_level": codec.accuracy_level,
             "encoding": "MatMulNBits" if codec.dialect == "ort" else "DequantizeLinear", **codec.stats.to_dict()}
-
-
 
 def _is_r1(spec, template: str | None) -> bool:
     return "<think>" in (template or "") or "r1" in (spec.name or "").lower()

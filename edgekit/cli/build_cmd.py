@@ -75,13 +75,16 @@ def _default_cache() -> Path:
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Your own calibration text (.txt paragraphs or .jsonl chat messages) for --method awq.")
 @click.option("--no-lossless", is_flag=True, help="Re-quantize GGUF blocks instead of carrying them over.")
+@click.option("--lm-head", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="INT4/INT8 builds: the LM head's precision (int4 is smaller and faster, less faithful).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Where exports are kept for reuse by later builds [default: $XDG_CACHE_HOME/edgekit or "
                    "~/.cache/edgekit].")
 @click.option("--no-cache", is_flag=True, help="Neither reuse nor keep exports.")
 def build_cmd(model: str, target_name: str, precision: str | None, context_text: str, backend: str | None,
               output: Path | None, force: bool, method: str, block_size: str, accuracy_level: str | None,
-              calibration: Path | None, no_lossless: bool, cache_dir: Path | None, no_cache: bool) -> None:
+              calibration: Path | None, no_lossless: bool, lm_head: str, cache_dir: Path | None,
+              no_cache: bool) -> None:
     """Build MODEL (a folder, a .gguf file, a hub id or `smollm2`) into a bundle for a target."""
     from ..build import QuantOptions, build, preflight
     from ..target import check_combination, load_target
@@ -97,7 +100,7 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
         load_samples(calibration)             # a bad file fails now, not after minutes of work
     quant = QuantOptions(block_size=int(block_size), method=method, calibration=calibration,
                          accuracy_level=None if accuracy_level is None else int(accuracy_level),
-                         lossless=not no_lossless)
+                         lossless=not no_lossless, head_bits=4 if lm_head == "int4" else 8)
     bp = preflight(model, target, precision=precision, context=context, backend=backend, force=force, quant=quant)
     source = bp.source
     if output is None:

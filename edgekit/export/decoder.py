@@ -91,10 +91,10 @@ class DenseCodec:
         self._embed = b.weight("embed.weight", weight.astype(self.dtype))            # (V, hidden)
         return b.op("Gather", self._embed, ids, axis=0, name="embed/Gather")          # (B, S, hidden)
 
-    def lm_head(self, b: GraphBuilder, flat: str, weight: np.ndarray | None) -> str:
-        """``flat`` (B*N, hidden) -> logits (B*N, V) in the graph's float type. ``weight`` None: tied."""
+    def lm_head(self, b: GraphBuilder, flat: str, weight: np.ndarray, tied: bool = False) -> str:
+        """``flat`` (B*N, hidden) -> logits (B*N, V) in the graph's float type."""
         # Gemm with transB reads the (V, hidden) matrix as stored, so a tied head shares the embedding.
-        head = self._embed if weight is None else b.weight("lm_head.weight", weight.astype(self.dtype))
+        head = self._embed if tied else b.weight("lm_head.weight", weight.astype(self.dtype))
         return b.op("Gemm", flat, head, transB=1, name="lm_head/Gemm")
 
 
@@ -323,7 +323,8 @@ class DecoderWriter:
         if self.opts.logits == "last":
             normed = b.op("Slice", normed, b.const([-1]), b.const([2**62]), b.const([1]), name="lm_head/Last")
         flat = b.op("Reshape", normed, b.const([-1, spec.hidden_size]), name="lm_head/Flatten")
-        logits = self.codec.lm_head(b, flat, None if spec.tie_word_embeddings else self.w("lm_head.weight"))
+        tied = spec.tie_word_embeddings
+        logits = self.codec.lm_head(b, flat, self.w("embed.weight" if tied else "lm_head.weight"), tied)
         if self.onnx_dtype != TensorProto.FLOAT:
             logits = b.op("Cast", logits, to=TensorProto.FLOAT, name="lm_head/Cast")
         if self.opts.logits == "last":

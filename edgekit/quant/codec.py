@@ -52,7 +52,7 @@ class QuantStats:
 class QuantCodec:
     def __init__(self, dialect: str, precision: str, float_dtype, *, block_size: int = 32,
                  accuracy_level: int = DEFAULT_ACCURACY_LEVEL, head_accuracy_level: int | None = None,
-                 reader=None, lossless: bool = True):
+                 head_bits: int = 8, reader=None, lossless: bool = True):
         if precision not in ("int4", "int8"):
             raise ValueError(precision)
         self.dialect, self.precision, self.dtype = dialect, precision, np.dtype(float_dtype)
@@ -64,6 +64,8 @@ class QuantCodec:
         self.head_accuracy_level = DEFAULT_ACCURACY_LEVEL if head_accuracy_level is None else head_accuracy_level
         self.raw_reader = reader if lossless and reader is not None and hasattr(reader, "raw") else None
         self.stats = QuantStats()
+        # The LM head: INT8 by default (it picks every token); INT4 (blocks of 32) trades some fidelity for speed.
+        self.head_bits = head_bits
         self._embed: dict | None = None
 
     # ----- source encodings --------------------------------------------------------------------
@@ -179,7 +181,8 @@ class QuantCodec:
                                                                                   enc.scales.astype(self.dtype))}
 
     def embedding(self, b, ids: str, weight: np.ndarray, tied: bool = False) -> str:
-        t = self._embed = self._table(b, weight, "embed", "embed.weight", per_row=not tied)
+        shared = tied and self.head_bits == 8       # the head can read the embedding's own INT8 table
+        t = self._embed = self._table(b, weight, "embed", "embed.weight", per_row=not shared)
         if "enc" in t:
             enc: NBits = t["enc"]
             codes = b.op("Gather", t["blob"], ids, axis=0, name="embed/GatherCodes")        # (B, S, nb, bs) uint8
@@ -197,8 +200,10 @@ class QuantCodec:
         scale = b.op("Gather", scales, ids, axis=0, name="embed/GatherScales")               # (B, S, 1)
         return b.op("Mul", b.op("Cast", codes, to=self.onnx_float, name="embed/Cast"), scale, name="embed/Scale")
 
-    def lm_head(self, b, flat: str, weight: np.ndarray | None) -> str:
-        t = self._embed if weight is None else self._table(b, weight, "lm_head", "lm_head.weight")
+    def lm_head(self, b, flat: str, weight: np.ndarray, tied: bool = False) -> str:
+        if self.head_bits == 4:
+            return self._int4_head(b, flat, weight)
+        t = self._embed if tied else self._table(b, weight, "lm_head", "lm_head.weight")
         if "enc" in t:
             enc: NBits = t["enc"]
             return b.op("MatMulNBits", flat, t["blob"], t["scales"], domain="com.microsoft", K=enc.k, N=enc.n,
@@ -206,6 +211,15 @@ class QuantCodec:
                         name="lm_head/MatMulNBits")
         deq = b.op("DequantizeLinear", t["codes"], t["scales"], axis=0, name="lm_head/Dequantize")  # (V, H)
         return b.op("Gemm", flat, deq, transB=1, name="lm_head/Gemm")
+
+
+    def _int4_head(self, b, flat: str, weight: np.ndarray) -> str:
+        self.stats.requantized["round-to-nearest from floats"] += 1
+        if self.dialect == "ort":
+            enc = to_nbits(weight, 4, self.block_size)
+            return self._nbits_node(b, flat, "lm_head", enc)
+        enc = to_qdq_int4(weight, self.block_size)                      # (H, V) blocked along H
+        return self._qdq_node(b, flat, "lm_head", enc)
 
 
 def _stack(encs: list[NBits]) -> NBits:
