@@ -140,3 +140,20 @@ def test_smollm2_q4_1_imported_losslessly(smollm2_gguf, tmp_path):
     assert diff < 1e-3, f"max logit difference {diff}"
     assert model.generate(prompt=None, messages=model.chat_prompt("Why is the sky blue?"), max_new_tokens=32,
                           temperature=0).tokens == expected[len(ids):]
+
+
+def test_int4_lm_head_option(tiny_llama_dir, tmp_path):
+    from edgekit.export.trt_check import check_tensorrt_graph
+    from edgekit.runtime.model import load
+
+    spec = resolve(tiny_llama_dir).spec
+    build(tiny_llama_dir, load_target("orin-nano"), output=tmp_path / "trt", precision="int4", context=CONTEXT,
+          quant=QuantOptions(method="rtn", head_bits=4))
+    report = check_tensorrt_graph(tmp_path / "trt" / "model.onnx", spec)
+    assert report.ok, report.problems
+    assert report.quantized == {"int4": 4 * spec.num_layers + 1}     # the embedding is read by Gather, not DQ
+    result = build(tiny_llama_dir, load_target("cpu"), output=tmp_path / "cpu", precision="int4", context=CONTEXT,
+                   quant=QuantOptions(method="rtn", head_bits=4))
+    assert "LM head int4" in result.manifest["quantization"]["embedding_and_lm_head"]
+    out = load(tmp_path / "cpu").generate(prompt="hello", max_new_tokens=5, temperature=0)
+    assert out.completion_tokens == 5
