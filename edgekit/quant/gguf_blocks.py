@@ -6,8 +6,8 @@ is exactly a MatMulNBits encoding, the codes and scales are taken from the file:
 
     GGUF    block  per block                         MatMulNBits                            exact?
     Q4_0    32     w = d * (q - 8)                   4-bit, scale d, zero 8 (default)          yes
-    Q4_1    32     w = d * q + m                     4-bit, scale d, zero 0, offset m          yes
-    Q4_K    32*    w = d*sc * q - dmin*m             4-bit, scale d*sc, zero 0, offset -dmin*m yes
+    Q4_1    32     w = d * q + m                     4-bit, scale d, zero 8, offset m + 8d     yes
+    Q4_K    32*    w = d*sc * q - dmin*m             4-bit, scale d*sc, zero 8, offset 8d*sc - dmin*m  yes
     Q5_0    32     w = d * (q - 16)                  8-bit, scale d, code q + 112         yes
     Q8_0    32     w = d * q                         8-bit, scale d, code q + 128         yes
     Q6_K    16*    w = d*sc * (q - 32)               8-bit, scale d*sc, code q + 96      yes
@@ -94,9 +94,11 @@ def nbits_from_gguf(qtype: str, raw: np.ndarray, dequantized: np.ndarray) -> NBi
         blob = pack_codes(codes.astype(np.uint8), 4)
         if qtype == "Q4_0":  # codes q in 0..15 around the default zero point 8
             enc = NBits(4, bs, n, k, blob, scale.astype(np.float32))
-        else:                # w = d * q + offset: zero point 0 and the offset added separately
-            enc = NBits(4, bs, n, k, blob, scale.astype(np.float32), zero_point=0,
-                        offsets=offset.astype(np.float32))
+        else:
+            # w = d*q + offset = d*(q - 8) + (offset + 8d): centred codes around the default zero point, so that
+            # int8-activation rounding (accuracy_level 4) multiplies small codes, and the rest added separately.
+            enc = NBits(4, bs, n, k, blob, scale.astype(np.float32),
+                        offsets=(offset + 8 * scale).astype(np.float32))
     else:
         # 8-bit with the default zero point 128: code = c + 128 - (offset / scale) for a symmetric offset
         shift = np.rint(-offset / np.where(scale == 0, 1.0, scale))             # 0, 16 or 32
