@@ -114,6 +114,8 @@ class Model:
 
 
 def _check_external_data(manifest, graph_path: Path) -> None:
+    # (the graph's folder inside the bundle comes from the manifest's name, not from the resolved path: a
+    # bundle is often loaded through a symlink such as DIR/current)
     """Every weight file the ONNX graph names must be a file of the bundle (no ``..``, no absolute paths)."""
     from .onnx_refs import external_locations
 
@@ -121,7 +123,9 @@ def _check_external_data(manifest, graph_path: Path) -> None:
         locations = set(external_locations(graph_path.read_bytes()))
     except ValueError as e:
         raise BundleError(f"{graph_path} is not a readable ONNX model ({e}): rebuild or re-copy the bundle") from None
-    graph_dir = graph_path.parent.relative_to(manifest.folder).as_posix()
+    from pathlib import PurePosixPath
+
+    graph_dir = PurePosixPath(manifest.graph["file"]).parent.as_posix()
     for location in sorted(locations):
         name = location if graph_dir == "." else f"{graph_dir}/{location}"
         if location.startswith(("/", "\\")) or ".." in location.replace("\\", "/").split("/") or \
