@@ -126,13 +126,15 @@ def preflight(model: str | Path | ModelSource, target: Target, *, precision: str
 def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output: Path,
           precision: str | None = None, context: int = 4096, backend: str | None = None, force: bool = False,
           logits: str = "last", quant: QuantOptions | None = None, progress: Progress | None = None,
-          cache_dir: Path | None = None) -> BuildResult:
+          cache_dir: Path | None = None, eval_tokens: int | None = None) -> BuildResult:
     """Build ``model`` for ``target`` into the bundle folder ``output``.
 
     Refuses before any heavy work when the plan does not fit (``force`` builds anyway) or when the
     precision/backend cannot run on the target. Raises EdgekitError subclasses with one-line messages.
     ``model`` may be the result of :func:`preflight` (then the other planning arguments are ignored).
     ``cache_dir``: reuse (and keep) exported graphs there (:mod:`edgekit.export_cache`).
+    ``eval_tokens``: score the new bundle against its own full-precision source on that many tokens
+    (:func:`edgekit.evaluate.evaluate`) and record the figures in the manifest's ``fidelity`` section.
     """
     bp = model if isinstance(model, BuildPlan) else preflight(
         model, target, precision=precision, context=context, backend=backend, force=force, logits=logits,
@@ -165,6 +167,12 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
             manifest = write_manifest(tmp, manifest)
             if progress:
                 progress("manifest", 1, 1)
+            if eval_tokens:
+                from .evaluate import evaluate
+
+                fidelity = evaluate(tmp, str(source.path), max_tokens=eval_tokens, progress=progress)
+                manifest["fidelity"] = fidelity.to_dict()
+                manifest = write_manifest(tmp, {k: v for k, v in manifest.items() if k != "files"})
     finally:
         reader.close()
     return BuildResult(output, the_plan, manifest)

@@ -30,3 +30,12 @@ def test_second_target_reuses_the_export(tiny_llama_dir, tmp_path):
           cache_dir=cache, progress=lambda stage, done, total: stages.append(stage))
     assert "export" in stages
     assert first.manifest["max_context"] == 64 and second.manifest["max_context"] == 64
+
+
+def test_build_records_fidelity_against_its_source(tiny_qwen2_dir, tmp_path):
+    result = build(tiny_qwen2_dir, load_target("cpu"), output=tmp_path / "b", precision="fp32", context=128,
+                   eval_tokens=64)
+    f = result.manifest["fidelity"]
+    assert f["tokens"] == 64 and f["top1_agreement"] == 1.0 and f["mean_kl"] < 1e-5
+    assert verify(tmp_path / "b").ok                      # the manifest was re-hashed after adding it
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["fidelity"] == f

@@ -81,10 +81,13 @@ def _default_cache() -> Path:
               help="Where exports are kept for reuse by later builds [default: $XDG_CACHE_HOME/edgekit or "
                    "~/.cache/edgekit].")
 @click.option("--no-cache", is_flag=True, help="Neither reuse nor keep exports.")
+@click.option("--eval", "eval_tokens", type=click.IntRange(1), default=None, metavar="N",
+              help="Then score the bundle against its own full-precision source on N tokens (top-1, KL, "
+                   "perplexity) and record it in the manifest.")
 def build_cmd(model: str, target_name: str, precision: str | None, context_text: str, backend: str | None,
               output: Path | None, force: bool, method: str, block_size: str, accuracy_level: str | None,
               calibration: Path | None, no_lossless: bool, lm_head: str, cache_dir: Path | None,
-              no_cache: bool) -> None:
+              no_cache: bool, eval_tokens: int | None) -> None:
     """Build MODEL (a folder, a .gguf file, a hub id or `smollm2`) into a bundle for a target."""
     from ..build import QuantOptions, build, preflight
     from ..target import check_combination, load_target
@@ -112,7 +115,7 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
                f"{target.name} at {bp.precision}, context {bp.options.max_context} -> {output}", err=True)
     with _Progress() as progress:
         result = build(bp, target, output=output, force=force, progress=progress,
-                       cache_dir=None if no_cache else (cache_dir or _default_cache()))
+                       cache_dir=None if no_cache else (cache_dir or _default_cache()), eval_tokens=eval_tokens)
     m = result.manifest
     q = m.get("quantization")
     if q:
@@ -120,6 +123,11 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
         click.echo(f"quantization: {q['method']}, {q['weights']} block {q['block_size']}, embedding/LM head int8"
                    + (f", {carried} tensors carried over exactly from the GGUF" if carried else "")
                    + "".join(f"; {n} {why}" for why, n in q.get("requantized", {}).items()), err=True)
+    if m.get("fidelity"):
+        f = m["fidelity"]
+        click.echo(f"fidelity vs the full-precision source on {f['tokens']} tokens: top-1 "
+                   f"{100 * f['top1_agreement']:.1f}%, mean KL {f['mean_kl']:.4f}, perplexity {f['perplexity']:.3f} "
+                   f"(reference {f['reference_perplexity']:.3f})", err=True)
     size = sum(f["size"] for f in m["files"].values())
     click.echo(f"bundle {result.bundle}: {len(m['files'])} files, {size / 2**20:.1f} MiB, "
                f"{m['backend']} ({m['dialect']} graph), runtime needs {m['memory']['total_bytes'] / 2**20:.0f} MiB "
