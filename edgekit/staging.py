@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import OutputError
+from .runtime.bundle import fsync_dir as _fsync_dir
 from .units import fmt_bytes
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -65,19 +66,6 @@ def _fsync_tree(path: Path) -> None:
                 os.close(fd)
     for root, dirs, _files in os.walk(path, topdown=False):
         _fsync_dir(Path(root))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass   # some filesystems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 def _hidden_sibling(dest: Path, tag: str) -> Path:

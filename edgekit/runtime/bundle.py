@@ -439,7 +439,7 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # Makes a rename durable; not every platform can open a directory, and failing here loses nothing.
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -481,7 +481,7 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> dict[
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return data
 
 
