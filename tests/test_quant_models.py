@@ -157,3 +157,29 @@ def test_int4_lm_head_option(tiny_llama_dir, tmp_path):
     assert "LM head int4" in result.manifest["quantization"]["embedding_and_lm_head"]
     out = load(tmp_path / "cpu").generate(prompt="hello", max_new_tokens=5, temperature=0)
     assert out.completion_tokens == 5
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_mixed_gguf_types_are_carried_over_exactly(tmp_path, arch):
+    """Q4_K_M-style files mix block types inside a packed matmul (q/k Q4_1, v Q8_0, gate Q4_0, up Q5_0):
+    each part keeps its own exact encoding; fp32 compute reproduces the fp32 export of the same file."""
+    from refs import write_tiny_gguf
+
+    types = {f"blk.{i}.{t}.weight": q for i in range(2) for t, q in
+             (("attn_q", "Q4_1"), ("attn_k", "Q4_1"), ("attn_v", "Q8_0"), ("ffn_gate", "Q4_0"), ("ffn_up", "Q5_0"))}
+    types.update({"token_embd.weight": "Q8_0", "output.weight": "Q8_0"})       # INT8 tables, carried over too
+    gguf = write_tiny_gguf(tmp_path / "m.gguf", arch=arch, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                           weight_type="Q4_0", types=types).path
+    source = resolve(gguf)
+    ids = np.arange(3, 12)
+    logits = {}
+    for tag, codec in (("fp32", None), ("int4", QuantCodec("ort", "int4", np.float32, accuracy_level=0,
+                                                            head_accuracy_level=0, reader=open_weights(source)))):
+        folder = tmp_path / tag
+        folder.mkdir()
+        export_onnx(open_weights(source), source.spec, folder, GraphOptions("ort", "fp32", CONTEXT), codec=codec)
+        logits[tag] = _decode(folder, "ort", source.spec, ids, steps=4)[0]
+        if codec is not None:
+            assert codec.stats.requantized == {} and codec.stats.lossless["Q4_1"] == 4
+            assert codec.stats.lossless["Q8_0"] == 4 and codec.stats.lossless["Q5_0"] == 2
+    assert np.abs(logits["int4"] - logits["fp32"]).max() < 1e-3
