@@ -107,7 +107,9 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
     bp = preflight(model, target, precision=precision, context=context, backend=backend, force=force, quant=quant)
     source = bp.source
     if output is None:
-        stem = (source.spec.name or Path(source.display).stem).replace("/", "-").replace(" ", "-")
+        # a GGUF's file name says more than its general.name (SmolLM2's is "Smollm2 135M 8k Lc100K Mix1 Ep2")
+        stem = source.path.stem if source.kind == "gguf" else (source.spec.name or Path(source.display).name)
+        stem = stem.replace("/", "-").replace(" ", "-")
         output = Path(f"{stem}-{target.name}-{bp.precision}")
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists: pass --force to replace it, or choose another -o")
