@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgekit.errors import UserInputError
-from edgekit.quant.encodings import NBits, to_nbits, to_qdq_int4, to_qdq_int8
+from edgekit.quant.encodings import to_nbits, to_qdq_int4, to_qdq_int8
 from edgekit.quant.gguf_blocks import nbits_from_gguf, qdq_int4_from_q4_0
 
 rng = np.random.default_rng(0)
@@ -59,7 +59,6 @@ def test_nbits_matches_reference(bits, bs, shape):
 
 
 def test_qdq_int4_packing_is_onnx_int4():
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = rng.standard_normal((6, 64)).astype(np.float32)                # (N, K)

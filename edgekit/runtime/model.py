@@ -32,7 +32,7 @@ class Model:
 
     def __init__(self, manifest, decoder, codec: TextCodec, max_context: int, memory_need):
         self.manifest = manifest
-        self.spec = manifest.spec()
+        self.spec = decoder.spec
         self.decoder = decoder
         self.codec = codec
         self.max_context = max_context

@@ -82,9 +82,9 @@ class OrtDecoder:
 
     @property
     def kv_cache_bytes(self) -> int:
-        one = self.cache["key_0"]
-        n = int(np.prod(one.shape())) if callable(getattr(one, "shape", None)) else one.size
-        return n * np.dtype(self.dtype).itemsize * len(self.cache)
+        # every K and V buffer is (1, Hkv, capacity, D) or (1, capacity, Hkv, D): the same element count
+        per_buffer = self.capacity * self.spec.num_kv_heads * self.spec.head_dim
+        return per_buffer * np.dtype(self.dtype).itemsize * len(self.cache)
 
     def reset(self) -> None:
         """Forget the cache contents (the buffers stay; stale rows are never read past ``position``)."""
