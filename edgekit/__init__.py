@@ -3,4 +3,4 @@
 Importing this package does nothing but define the version: no logging setup, no CUDA, no TensorRT.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

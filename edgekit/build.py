@@ -22,6 +22,7 @@ from . import __version__
 from .errors import DoesNotFit, UserInputError
 from .export import ExportResult, GraphOptions, export_onnx
 from .plan import Plan, plan
+from .quant.sizes import BUILDABLE, DIALECT_OF_BACKEND
 from .runtime.bundle import SCHEMA, write_manifest
 from .sources import ModelSource, open_weights, resolve
 from .staging import staged_output
@@ -29,10 +30,8 @@ from .target import Target
 from .units import fmt_bytes
 
 # What the graph builder writes: dense floats, or INT8/INT4 weights through a quantizing codec.
-BUILDABLE = ("fp32", "fp16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
 METHODS = ("auto", "rtn", "awq")
-DIALECT_OF_BACKEND = {"tensorrt": "tensorrt", "onnxruntime-cuda": "ort", "onnxruntime-cpu": "ort"}
 # DeepSeek's published settings for the R1 models: temperature 0.6, top-p 0.95, no system prompt.
 R1_GENERATION = {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
                  "max_new_tokens": 2048, "reasoning": True, "system_prompt": False}
@@ -71,6 +70,16 @@ class QuantOptions:
     calibration: Path | None = None     # the user's own calibration text (default: the built-in set)
     calibration_tokens: int = 1024
     head_bits: int = 8              # the LM head: 8 (default, the precision policy) or 4 (faster, less faithful)
+    # Keep every GGUF block type exactly even where that costs bytes (Q6_K/Q5_0 codes as 8-bit: a Q4_K_M file
+    # becomes ~1.10x its size on onnxruntime); by default an INT4 build re-quantizes those to 4 bits.
+    exact: bool = False
+
+    def settings(self):
+        """What of these options changes the stored bytes (the planner's view)."""
+        from .quant.sizes import QuantSettings
+
+        return QuantSettings(block_size=self.block_size, head_bits=self.head_bits, lossless=self.lossless,
+                             exact=self.exact)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -96,7 +105,8 @@ def preflight(model: str | Path | ModelSource, target: Target, *, precision: str
     spec = source.spec
     precision = precision or default_precision(target, backend)
     context = min(context, spec.max_position_embeddings)
-    the_plan = plan(spec, target, precision=precision, context=context, backend=backend)
+    quant = quant or QuantOptions()
+    the_plan = plan(spec, target, precision=precision, context=context, backend=backend, quant=quant.settings())
     if precision not in BUILDABLE:
         raise UserInputError(f"edgekit cannot write {precision} weights yet: build with --precision "
                              f"{' or '.join(p for p in BUILDABLE if p in target.backend(backend).precisions)}")
@@ -109,7 +119,6 @@ def preflight(model: str | Path | ModelSource, target: Target, *, precision: str
             f"{fmt_bytes(the_plan.total_bytes)} but {target.name} has a budget of {fmt_bytes(the_plan.budget_bytes)}: "
             f"{hint}, or pass --force to build anyway (edgekit plan shows the breakdown)")
     dialect = DIALECT_OF_BACKEND[the_plan.backend]
-    quant = quant or QuantOptions()
     if precision == "int4" and dialect == "tensorrt":
         sizes = (spec.hidden_size, spec.intermediate_size, spec.q_size)
         uneven = sorted({k for k in sizes if k % quant.block_size})
@@ -152,7 +161,7 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
             key = cache_key(reader.fingerprint(), options=options, precision=precision, quant=quant)
         with staged_output(output, force=force) as tmp:
             exported, quantization = _export(reader, source, tmp, options, precision, quant, progress,
-                                             cache_dir, key)
+                                             cache_dir, key, the_plan.weights_bytes)
             special = reader.special_tokens()
             (tmp / "tokenizer.json").write_text(reader.tokenizer_json(), encoding="utf-8")
             template = reader.chat_template()
@@ -179,7 +188,7 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
 
 
 def _export(reader, source, tmp: Path, options: GraphOptions, precision: str, quant: QuantOptions,
-            progress: Progress | None, cache_dir: Path | None, key: str | None):
+            progress: Progress | None, cache_dir: Path | None, key: str | None, total_bytes: int | None = None):
     """The graph (from the cache when an identical export exists) and the manifest's quantization section."""
     from . import export_cache
 
@@ -194,7 +203,8 @@ def _export(reader, source, tmp: Path, options: GraphOptions, precision: str, qu
         reader, awq = _awq_reader(reader, source.spec, precision, quant, progress)
     codec = _codec(precision, options, quant, reader)
     report = (lambda done, total: progress("export", done, total)) if progress else None
-    exported = export_onnx(reader, source.spec, tmp, options, codec=codec, progress=report)
+    exported = export_onnx(reader, source.spec, tmp, options, codec=codec, progress=report,
+                           total_bytes=total_bytes)
     quantization = _quant_section(codec, quant, awq) if codec is not None else None
     if key is not None:
         export_cache.store(cache_dir, key, tmp, {"export": asdict(exported), "quantization": quantization})
@@ -211,7 +221,7 @@ def _codec(precision: str, options: GraphOptions, quant: QuantOptions, reader):
     level = DEFAULT_ACCURACY_LEVEL if quant.accuracy_level is None else quant.accuracy_level
     return QuantCodec(options.dialect, precision, dtype, block_size=quant.block_size, accuracy_level=level,
                       head_accuracy_level=quant.accuracy_level, head_bits=quant.head_bits, reader=reader,
-                      lossless=quant.lossless)
+                      lossless=quant.lossless, exact=quant.exact)
 
 
 def _uses_awq(quant: QuantOptions, source: ModelSource) -> bool:
@@ -236,6 +246,7 @@ def _quant_section(codec, quant: QuantOptions, awq=None) -> dict:
     extra = awq.summary() if awq is not None else {}
     head = "int8" if quant.head_bits == 8 else "embedding int8, LM head int4"
     return {**extra, "method": method, "weights": codec.precision, "block_size": quant.block_size,
+            "gguf_blocks": "exact" if quant.exact else "compact",
             "embedding_and_lm_head": head, "accuracy_level": codec.accuracy_level,
             "encoding": "MatMulNBits" if codec.dialect == "ort" else "DequantizeLinear", **codec.stats.to_dict()}
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import UserInputError
 from .precision import DTYPE_BYTES, PRECISIONS, compute_dtype, weight_bytes
+from .quant.sizes import DIALECT_OF_BACKEND
 from .spec import ModelSpec
 from .target import Target, check_combination
 from .units import fmt_bytes
@@ -113,8 +114,9 @@ class Plan:
 
 
 def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backend: str | None = None,
-         budget: int | None = None) -> Plan:
-    """Plan ``spec`` on ``target``. ``budget`` (bytes) replaces the target's default budget."""
+         budget: int | None = None, quant=None) -> Plan:
+    """Plan ``spec`` on ``target``. ``budget`` (bytes) replaces the target's default budget. ``quant``
+    (:class:`edgekit.quant.sizes.QuantSettings`) sizes INT4/INT8 weights for non-default build options."""
     chosen = check_combination(target, backend, precision)
     if not isinstance(context, int) or context < 1:
         raise UserInputError(f"invalid context {context!r}: give a positive number of tokens, e.g. 4096")
@@ -128,7 +130,12 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
     budget_line = (Line("budget", budget, "given by the caller") if budget is not None else
                    Line("budget", target.budget_bytes, target.budget_source))
 
-    weights = weight_bytes(spec, precision, device)
+    dialect = DIALECT_OF_BACKEND.get(chosen.name)
+
+    def weights_at(p: str, ctx: int):
+        return weight_bytes(spec, p, device, dialect=dialect, context=ctx, quant=quant)
+
+    weights = weights_at(precision, context)
     act = compute_dtype(precision, device)
     kv_per_token = spec.kv_bytes_per_token(act)
     chunk = min(target.prefill_chunk, context)
@@ -142,13 +149,13 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
         Line("linear weights", weights.linears, weights.sources["linears"]),
         Line("embedding", weights.embedding, weights.sources["embedding"]),
         Line("LM head", weights.lm_head, weights.sources["lm_head"]),
-        Line("norms and biases", weights.small, weights.sources["small"]),
+        Line("norms, biases, rotary", weights.small, weights.sources["small"]),
     )
     total = weights.total + kv.bytes + sum(w.bytes for w in work) + overhead.bytes
     fits = total <= budget_line.bytes
 
     def total_at(p: str, ctx: int) -> int:
-        w = weight_bytes(spec, p, device).total
+        w = weights_at(p, ctx).total
         a = compute_dtype(p, device)
         ws = sum(x.bytes for x in _workspace(spec, a, min(target.prefill_chunk, ctx), ctx))
         return w + spec.kv_bytes_per_token(a) * ctx + ws + overhead.bytes

@@ -157,8 +157,22 @@ class WeightBytes:
 
 
 def weight_bytes(spec: "ModelSpec", precision: str, device: str = "gpu", *,
-                 int4_block_size: int | None = None) -> WeightBytes:
-    """What the weights of ``spec`` take at ``precision`` when run on ``device`` ("gpu" or "cpu")."""
+                 int4_block_size: int | None = None, dialect: str | None = None, context: int | None = None,
+                 quant=None) -> WeightBytes:
+    """What the weights of ``spec`` take at ``precision`` when run on ``device`` ("gpu" or "cpu").
+
+    With ``dialect`` and ``context`` (what ``edgekit plan`` passes), a precision ``edgekit build`` writes is
+    counted exactly as the builder writes it (:func:`edgekit.quant.sizes.build_weight_bytes`, which also reads
+    a GGUF's real tensor types); otherwise, and for fp8/bf16, from the policy table below.
+    """
+    from .quant.sizes import BUILDABLE, QuantSettings, build_weight_bytes
+
+    if dialect is not None and context is not None and precision in BUILDABLE:
+        graph_float = "fp32" if compute_dtype(precision, device) == "fp32" else "fp16"
+        if quant is None and int4_block_size is not None:
+            quant = QuantSettings(block_size=int4_block_size)
+        return build_weight_bytes(spec, dialect=dialect, precision=precision, graph_float=graph_float,
+                                  context=context, quant=quant)
     pol = policy(precision, int4_block_size=int4_block_size)
     small_dtype = compute_dtype(precision, device)
     if device == "cpu":

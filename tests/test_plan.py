@@ -130,7 +130,7 @@ def test_kv_dtype_follows_the_backend():
 def test_breakdown_adds_up_and_workspace_is_derived():
     p = plan_of("Qwen-1.5B", "orin-nano", context=4096)
     assert p.total_bytes == p.weights_bytes + p.kv_bytes + p.workspace_bytes + p.overhead_bytes
-    assert p.weights_bytes == weight_bytes(spec_of("Qwen-1.5B"), "int4").total
+    assert p.weights_bytes == weight_bytes(spec_of("Qwen-1.5B"), "int4", dialect="tensorrt", context=4096).total
     t = load_target("orin-nano")
     assert p.overhead_bytes == t.backend("tensorrt").overhead_bytes and p.budget_bytes == t.budget_bytes
     work = {w.name: w.bytes for w in p.workspace}
@@ -229,7 +229,7 @@ def test_cli_json():
                 "context": 8192, "precision": "int4", "backend": "tensorrt"}
     assert {k: d[k] for k in expected} == expected
     assert [w["name"] for w in d["breakdown"]["weights"]] == ["linear weights", "embedding", "LM head",
-                                                              "norms and biases"]
+                                                              "norms, biases, rotary"]
     assert d["warnings"] == []
 
 

@@ -13,8 +13,9 @@ rng = np.random.default_rng(0)
 
 
 # ----- an independent reference, written element by element ------------------------------------------
-def ref_symmetric(w, bits, bs):
-    """Per block: scale = (value of largest magnitude) / -(2^(bits-1)); code = clip(round(w / scale))."""
+def ref_symmetric(w, bits, bs, fp16_scales=False):
+    """Per block: scale = (value of largest magnitude) / -(2^(bits-1)), rounded to fp16 when stored so;
+    code = clip(round(w / scale))."""
     n, k = w.shape
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     nb = -(-k // bs)
@@ -25,6 +26,8 @@ def ref_symmetric(w, bits, bs):
             block = list(w[r, j * bs:(j + 1) * bs]) + [0.0] * max(0, (j + 1) * bs - k)
             peak = max(block, key=abs)
             s = np.float32(peak) / np.float32(lo)
+            if fp16_scales:
+                s = np.float32(np.float16(s))
             scales[r, j] = s
             for i, v in enumerate(block):
                 codes[r, j * bs + i] = 0 if s == 0 else min(hi, max(lo, int(np.rint(np.float32(v) / s))))
@@ -44,7 +47,7 @@ def ref_pack_nibbles_rowwise(u):
 def test_nbits_matches_reference(bits, bs, shape):
     w = rng.standard_normal(shape).astype(np.float32)
     enc = to_nbits(w, bits, bs)
-    codes, scales = ref_symmetric(w, bits, bs)
+    codes, scales = ref_symmetric(w, bits, bs, fp16_scales=True)      # MatMulNBits scales are stored as fp16
     u = codes + (1 << (bits - 1))
     expected_blob = ref_pack_nibbles_rowwise(u) if bits == 4 else u.astype(np.uint8)
     assert np.array_equal(enc.blob.reshape(shape[0], -1), expected_blob)        # bit for bit

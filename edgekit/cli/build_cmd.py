@@ -12,17 +12,26 @@ from .plan_cmd import _parse_context
 
 
 class _Progress:
-    """Stage progress on stderr: a rich bar when rich is installed, plain lines otherwise."""
+    """Stage progress on stderr. The export stage counts bytes written (with rate and time left); others count
+    steps. A terminal gets a rich bar; anything else (a log, CI, ``| tee``) a plain line every few seconds."""
+
+    EVERY_S = 3.0
+    BYTE_STAGES = ("export",)
 
     def __init__(self):
+        import sys
+
         self.bar = None
         self.tasks: dict[str, int] = {}
-        self.t0 = time.perf_counter()
+        self.started: dict[str, float] = {}
+        self.printed: dict[str, float] = {}
+        if not sys.stderr.isatty():
+            return
         try:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
             from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                                 TimeElapsedColumn(), console=Console(stderr=True), transient=False)
         except ImportError:
             pass
@@ -36,14 +45,31 @@ class _Progress:
         if self.bar:
             self.bar.__exit__(*exc)
 
+    def detail(self, stage: str, done: int, total: int, now: float) -> str:
+        if stage not in self.BYTE_STAGES:
+            return f"{done}/{total}"
+        from ..units import fmt_bytes
+
+        elapsed = now - self.started[stage]
+        text = f"{fmt_bytes(done)} of {fmt_bytes(total)} ({100 * done / max(total, 1):.0f}%)"
+        if elapsed > 0.5 and done:
+            rate = done / elapsed
+            left = max(total - done, 0) / rate
+            text += f", {fmt_bytes(int(rate))}/s, {int(left) // 60}m{int(left) % 60:02d}s left"
+        return text
+
     def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        self.started.setdefault(stage, now)
         if self.bar is None:
-            if done in (0, total):
-                click.echo(f"{stage}: {done}/{total}", err=True)
+            if done in (0, total) or now - self.printed.get(stage, 0.0) >= self.EVERY_S:
+                self.printed[stage] = now
+                click.echo(f"{stage}: {self.detail(stage, done, total, now)}", err=True)
             return
         if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=max(total, 1))
-        self.bar.update(self.tasks[stage], completed=done if total else 1)
+            self.tasks[stage] = self.bar.add_task(stage, total=max(total, 1), detail="")
+        self.bar.update(self.tasks[stage], completed=done if total else 1,
+                        detail=self.detail(stage, done, total, now))
 
 
 def _default_cache() -> Path:
@@ -75,6 +101,9 @@ def _default_cache() -> Path:
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Your own calibration text (.txt paragraphs or .jsonl chat messages) for --method awq.")
 @click.option("--no-lossless", is_flag=True, help="Re-quantize GGUF blocks instead of carrying them over.")
+@click.option("--exact-blocks", is_flag=True,
+              help="INT4 from a GGUF: keep its 5-/6-bit blocks (Q6_K, Q5_0) exactly as 8-bit codes instead of "
+                   "re-quantizing them to 4 bits (about 1.1x the GGUF's size instead of <= 1x).")
 @click.option("--lm-head", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="INT4/INT8 builds: the LM head's precision (int4 is smaller and faster, less faithful).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
@@ -86,7 +115,7 @@ def _default_cache() -> Path:
                    "perplexity) and record it in the manifest.")
 def build_cmd(model: str, target_name: str, precision: str | None, context_text: str, backend: str | None,
               output: Path | None, force: bool, method: str, block_size: str, accuracy_level: str | None,
-              calibration: Path | None, no_lossless: bool, lm_head: str, cache_dir: Path | None,
+              calibration: Path | None, no_lossless: bool, exact_blocks: bool, lm_head: str, cache_dir: Path | None,
               no_cache: bool, eval_tokens: int | None) -> None:
     """Build MODEL (a folder, a .gguf file, a hub id or `smollm2`) into a bundle for a target."""
     from ..build import QuantOptions, build, preflight
@@ -103,7 +132,7 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
         load_samples(calibration)             # a bad file fails now, not after minutes of work
     quant = QuantOptions(block_size=int(block_size), method=method, calibration=calibration,
                          accuracy_level=None if accuracy_level is None else int(accuracy_level),
-                         lossless=not no_lossless, head_bits=4 if lm_head == "int4" else 8)
+                         lossless=not no_lossless, head_bits=4 if lm_head == "int4" else 8, exact=exact_blocks)
     bp = preflight(model, target, precision=precision, context=context, backend=backend, force=force, quant=quant)
     source = bp.source
     if output is None:

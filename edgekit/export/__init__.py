@@ -47,21 +47,27 @@ def _io(values) -> list[dict]:
 
 
 def export_onnx(reader, spec: ModelSpec, folder: Path, options: GraphOptions, *,
-                codec=None,
-                progress: Callable[[int, int], None] | None = None) -> ExportResult:
+                codec=None, progress: Callable[[int, int], None] | None = None,
+                total_bytes: int | None = None) -> ExportResult:
     """Write ``model.onnx`` + ``model.onnx.data`` for ``spec`` into ``folder`` (which must exist).
 
     ``codec`` turns weights into nodes: :class:`DenseCodec` (fp32/fp16) by default, or a quantizing one from
-    :mod:`edgekit.quant.codec`.
+    :mod:`edgekit.quant.codec`. ``progress(done, total)`` is called after each layer: weight bytes written of
+    ``total_bytes`` when given (the plan's figure), else layers.
     """
     folder = Path(folder)
     builder = GraphBuilder(f"edgekit-{spec.family}-{options.dialect}", folder / MODEL_FILE, OPSETS[options.dialect])
     try:
-        DecoderWriter(builder, spec, options, reader, codec=codec).write(progress)
+        report = progress
+        if progress is not None and total_bytes:
+            report = lambda done, total: progress(min(builder.weight_bytes, total_bytes), total_bytes)  # noqa: E731
+        DecoderWriter(builder, spec, options, reader, codec=codec).write(report)
         model = builder.save(producer=f"edgekit {__version__}", metadata={
             "edgekit.dialect": options.dialect, "edgekit.precision": options.precision,
             "edgekit.max_context": str(options.max_context), "edgekit.logits": options.logits})
     finally:
         builder.abort()
+    if progress is not None and total_bytes:
+        progress(builder.weight_bytes, max(total_bytes, builder.weight_bytes))
     return ExportResult(MODEL_FILE, builder.data_name, builder.weight_bytes, _io(model.graph.input),
                         _io(model.graph.output))

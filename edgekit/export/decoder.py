@@ -68,6 +68,30 @@ class GraphOptions:
             raise UserInputError(f"logits must be 'last' or 'all', not {self.logits!r}")
 
 
+class LazyWeight:
+    """A checkpoint weight whose shape is known from the spec and whose values are read only when called.
+
+    Codecs that carry a source's own blocks over never call it, so a GGUF build does not materialise float
+    copies of weights it does not re-quantize.
+    """
+
+    def __init__(self, load: Callable[[], np.ndarray], shape: tuple[int, ...]):
+        self._load, self.shape = load, tuple(shape)
+
+    def __call__(self) -> np.ndarray:
+        return self._load()
+
+    @staticmethod
+    def stacked(parts: "list[LazyWeight]") -> "LazyWeight":
+        """Parts concatenated along the output dimension (packed qkv, gate_up)."""
+        rows = sum(p.shape[0] for p in parts)
+        return LazyWeight(lambda: np.concatenate([p() for p in parts], axis=0), (rows, *parts[0].shape[1:]))
+
+
+def _array(weight) -> np.ndarray:
+    return weight() if callable(weight) else weight
+
+
 class DenseCodec:
     """How weights become graph nodes, unquantized. Quantizers (``edgekit.quant.codec``) have the same methods.
 
@@ -81,20 +105,20 @@ class DenseCodec:
 
     def linear(self, b: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None,
                parts: list[tuple[str, int | None]] = ()) -> str:
-        w = b.weight(f"{name}.weight_t", weight.T.astype(self.dtype))            # (in, out): MatMul's B
+        w = b.weight(f"{name}.weight_t", _array(weight).T.astype(self.dtype))     # (in, out): MatMul's B
         y = b.op("MatMul", x, w, name=f"{name}/MatMul")
         if bias is not None:
             y = b.op("Add", y, b.weight(f"{name}.bias", bias.astype(self.dtype)), name=f"{name}/BiasAdd")
         return y
 
     def embedding(self, b: GraphBuilder, ids: str, weight: np.ndarray, tied: bool = False) -> str:
-        self._embed = b.weight("embed.weight", weight.astype(self.dtype))            # (V, hidden)
+        self._embed = b.weight("embed.weight", _array(weight).astype(self.dtype))    # (V, hidden)
         return b.op("Gather", self._embed, ids, axis=0, name="embed/Gather")          # (B, S, hidden)
 
     def lm_head(self, b: GraphBuilder, flat: str, weight: np.ndarray, tied: bool = False) -> str:
         """``flat`` (B*N, hidden) -> logits (B*N, V) in the graph's float type."""
         # Gemm with transB reads the (V, hidden) matrix as stored, so a tied head shares the embedding.
-        head = self._embed if tied else b.weight("lm_head.weight", weight.astype(self.dtype))
+        head = self._embed if tied else b.weight("lm_head.weight", _array(weight).astype(self.dtype))
         return b.op("Gemm", flat, head, transB=1, name="lm_head/Gemm")
 
 
@@ -137,6 +161,11 @@ class DecoderWriter:
                 "the weights do not belong to this config (re-download the checkpoint)")
         return array
 
+    def lazy(self, canonical: str, layer: int | None = None) -> LazyWeight:
+        """The weight as a :class:`LazyWeight` (read and checked only if a codec needs its values)."""
+        shape = expected_shape(self.spec, canonical)
+        return LazyWeight(lambda: self.w(canonical, layer), shape)
+
     def maybe(self, canonical: str, layer: int | None = None) -> np.ndarray | None:
         return self.w(canonical, layer) if self.reader.has(canonical, layer) else None
 
@@ -154,7 +183,7 @@ class DecoderWriter:
         cos, sin = rope_tables(spec, opts.max_context, self.np_dtype, freq_factors)
         self.cos, self.sin = b.weight("rope.cos", cos), b.weight("rope.sin", sin)  # (max_context, D/2)
 
-        hidden = self.codec.embedding(b, ids, self.w("embed.weight"), spec.tie_word_embeddings)                    # (B, S, hidden)
+        hidden = self.codec.embedding(b, ids, self.lazy("embed.weight"), spec.tie_word_embeddings)  # (B, S, hidden)
         if opts.dialect == "tensorrt":
             self._position_setup(ids)
 
@@ -163,7 +192,7 @@ class DecoderWriter:
             normed, residual = self.add_norm(pending, residual, f"layers.{i}.attn_norm",
                                              ("layers.{i}.attn_norm.weight", i))
             attn = self.attention(normed, i)
-            o = self.codec.linear(b, attn, f"layers.{i}.o", self.w("layers.{i}.o.weight", i),
+            o = self.codec.linear(b, attn, f"layers.{i}.o", self.lazy("layers.{i}.o.weight", i),
                                   self.maybe("layers.{i}.o.bias", i), [("layers.{i}.o.weight", i)])
             normed, residual = self.add_norm(o, residual, f"layers.{i}.mlp_norm", ("layers.{i}.mlp_norm.weight", i))
             pending = self.mlp(normed, i)
@@ -201,12 +230,12 @@ class DecoderWriter:
         return b.op("Mul", y, w, name=f"{name}/Scale"), residual
 
     # ----- attention ----------------------------------------------------------------------------
-    def qkv_weights(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def qkv_weights(self, i: int) -> tuple[LazyWeight, np.ndarray | None]:
         """q, k, v packed along the output dimension: (q_size + 2 * kv_size, hidden)."""
-        ws = [self.w(f"layers.{{i}}.{n}.weight", i) for n in ("q", "k", "v")]
+        ws = [self.lazy(f"layers.{{i}}.{n}.weight", i) for n in ("q", "k", "v")]
         bs = [self.maybe(f"layers.{{i}}.{n}.bias", i) for n in ("q", "k", "v")]
         bias = np.concatenate(bs) if all(x is not None for x in bs) else None
-        return np.concatenate(ws, axis=0), bias
+        return LazyWeight.stacked(ws), bias
 
     def attention(self, x: str, i: int) -> str:
         weight, bias = self.qkv_weights(i)
@@ -307,13 +336,13 @@ class DecoderWriter:
     #   x ─MatMul[gate;up]─> (B,S,2I) ─Split─> gate, up ─> gate*sigmoid(gate)*up ─MatMul(down)─> (B,S,hidden)
     def mlp(self, x: str, i: int) -> str:
         b, inter = self.b, self.spec.intermediate_size
-        gate_up = np.concatenate([self.w("layers.{i}.gate.weight", i), self.w("layers.{i}.up.weight", i)], axis=0)
+        gate_up = LazyWeight.stacked([self.lazy("layers.{i}.gate.weight", i), self.lazy("layers.{i}.up.weight", i)])
         gu = self.codec.linear(b, x, f"layers.{i}.gate_up", gate_up, None,
                                [("layers.{i}.gate.weight", i), ("layers.{i}.up.weight", i)])
         gate, up = b.op("Split", gu, b.const([inter, inter]), axis=-1, outputs=2, name=f"layers.{i}.mlp/Split")
         act = b.op("Mul", gate, b.op("Sigmoid", gate, name=f"layers.{i}.mlp/Sigmoid"), name=f"layers.{i}.mlp/SiLU")
         act = b.op("Mul", act, up, name=f"layers.{i}.mlp/GateUp")
-        return self.codec.linear(b, act, f"layers.{i}.down", self.w("layers.{i}.down.weight", i), None,
+        return self.codec.linear(b, act, f"layers.{i}.down", self.lazy("layers.{i}.down.weight", i), None,
                                  [("layers.{i}.down.weight", i)])
 
     # ----- LM head ----------------------------------------------------------------------------
@@ -324,7 +353,7 @@ class DecoderWriter:
             normed = b.op("Slice", normed, b.const([-1]), b.const([2**62]), b.const([1]), name="lm_head/Last")
         flat = b.op("Reshape", normed, b.const([-1, spec.hidden_size]), name="lm_head/Flatten")
         tied = spec.tie_word_embeddings
-        logits = self.codec.lm_head(b, flat, self.w("embed.weight" if tied else "lm_head.weight"), tied)
+        logits = self.codec.lm_head(b, flat, self.lazy("embed.weight" if tied else "lm_head.weight"), tied)
         if self.onnx_dtype != TensorProto.FLOAT:
             logits = b.op("Cast", logits, to=TensorProto.FLOAT, name="lm_head/Cast")
         if self.opts.logits == "last":

@@ -79,9 +79,12 @@ class GraphBuilder:
 
     # ----- initializers -----------------------------------------------------------------------
     def weight(self, name: str, array: np.ndarray) -> str:
-        """A named initializer; large ones go to the external-data file right away."""
+        """A named initializer; large ones go to the external-data file right away. Every weight counts in
+        ``weight_bytes`` (small ones stay inside the .onnx file), constants made by :meth:`const` do not."""
         array = np.ascontiguousarray(array)
         self.initializers.append(self._tensor(name, array))
+        if array.nbytes < _INLINE_BYTES:
+            self.weight_bytes += array.nbytes
         return name
 
     def raw_weight(self, name: str, elem_type: int, dims: Sequence[int], raw: bytes | np.ndarray) -> str:

@@ -2,11 +2,14 @@
 
 ``ort`` dialect (onnxruntime CPU/CUDA)::
 
-    x ─MatMulNBits(B uint8 (N, nb, bs*bits/8), scales, [zeros])─> y          linears, LM head
-    ids ─Gather(B)─> (B,S,nb,bs) ─Cast─ -zero ─ *Gather(scales) ─Reshape─> (B,S,hidden)   embedding
+    x ─MatMulNBits(B uint8 (N, nb, bs*bits/8), scales, [zeros])─> y ─(+ offsets branch)─> y   linears, LM head
+    scales = Reshape(Cast(d fp16 (N, G)) [* Cast(sc uint8 (N, nb))])       folded by onnxruntime at load
+    ids ─Gather(B)─> (B,S,nb,bs·bits/8) ─unpack─ -zero ─ * Gather(scales) [+ Gather(offsets)] ─> (B,S,hidden)  embedding
 
-  The embedding and a tied LM head share one initializer: a MatMulNBits weight is stored row by row
-  (token by token), which is exactly what Gather needs.
+  Scales (and Q4_1/Q4_K offsets) are stored as :class:`~edgekit.quant.encodings.Factor`: fp16, or GGUF's own
+  fp16 super-block scale times its integer sub-block scales, and expanded to the compute dtype by
+  initializer-only nodes that onnxruntime constant-folds when the session is created. The embedding gathers
+  the packed rows of its tokens and decodes only those.
 
 ``tensorrt`` dialect (standard ONNX)::
 
@@ -15,26 +18,35 @@
     E int8 (V, H) ─DequantizeLinear(axis 0)─> (V, H) ─Gemm(transB)─> logits      LM head (per row)
     ids ─Gather(E)─> (B,S,H) int8 ─Cast─ * Gather(scales) ─> (B,S,H)             embedding
 
-The embedding and the LM head are INT8 at both INT4 and INT8 precision (see :mod:`edgekit.precision`).
+What each weight becomes is decided from its source type and shape alone (:meth:`QuantCodec.form_of`), and
+the bytes of each form are counted by :func:`form_bytes`: the planner (:mod:`edgekit.quant.sizes`) and the
+writer use the same two functions, so a bundle is exactly as big as ``edgekit plan`` said.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from onnx import TensorProto
 
 from .encodings import NBits, QDQ, to_nbits, to_qdq_int4, to_qdq_int8
-from .gguf_blocks import nbits_from_gguf, qdq_int4_from_q4_0
+from .forms import HEAD_BLOCKS, Form, FormPolicy, form_bytes
+from .gguf_blocks import LOSSLESS, decode, nbits_from_gguf, qdq_int4_from_q4_0
 
-# INT8 LM head (MatMulNBits) block: 8-bit codes need few scales, and fp32 scales per 32 values would add 12%
-# to the largest tensor; the largest of these that divides K (no padding).
-HEAD_BLOCKS = (128, 64, 32)
 # MatMulNBits accuracy_level: 4 = activations quantized to int8 for the dot products (much faster on CPUs with
 # VNNI/AVX-512, ~0.5% relative error on a layer's output); 0 = fp32 compute (exact dequantized weights).
 DEFAULT_ACCURACY_LEVEL = 4
+# Rows decoded or quantized at a time for large tables (embedding, LM head): bounds the build's memory.
+CHUNK_ELEMENTS = 1 << 24
+
+Weight = Callable[[], np.ndarray]     # loads a (N, K) float32 weight when (and only when) called
+
+
+def _load(weight) -> np.ndarray:
+    return weight() if callable(weight) else weight
 
 
 @dataclass
@@ -49,10 +61,14 @@ class QuantStats:
         return {"lossless": dict(self.lossless), "requantized": dict(self.requantized)}
 
 
-class QuantCodec:
+class QuantCodec(FormPolicy):
+    """``exact``: keep every GGUF block type the ort dialect can hold exactly, even the 6-/5-bit ones that
+    then take a byte per weight (Q6_K, Q5_0); otherwise (the default) an INT4 build re-quantizes those to
+    4 bits so that the bundle is no bigger than the GGUF."""
+
     def __init__(self, dialect: str, precision: str, float_dtype, *, block_size: int = 32,
                  accuracy_level: int = DEFAULT_ACCURACY_LEVEL, head_accuracy_level: int | None = None,
-                 head_bits: int = 8, reader=None, lossless: bool = True):
+                 head_bits: int = 8, reader=None, lossless: bool = True, exact: bool = False):
         if precision not in ("int4", "int8"):
             raise ValueError(precision)
         self.dialect, self.precision, self.dtype = dialect, precision, np.dtype(float_dtype)
@@ -63,10 +79,12 @@ class QuantCodec:
         # The INT8 LM head: onnxruntime's CPU kernel for 8-bit weights is only fast with int8 compute (level 4).
         self.head_accuracy_level = DEFAULT_ACCURACY_LEVEL if head_accuracy_level is None else head_accuracy_level
         self.raw_reader = reader if lossless and reader is not None and hasattr(reader, "raw") else None
+        self.lossless, self.exact = lossless, exact
         self.stats = QuantStats()
         # The LM head: INT8 by default (it picks every token); INT4 (blocks of 32) trades some fidelity for speed.
         self.head_bits = head_bits
         self._embed: dict | None = None
+        self._written: dict[str, tuple[str, str | None]] = {}    # factor name -> its initializers
 
     # ----- source encodings --------------------------------------------------------------------
     def _raw(self, canonical: str, layer: int | None):
@@ -77,40 +95,87 @@ class QuantCodec:
         except Exception:  # a tensor the reader cannot give raw (e.g. the LM head of a tied model)
             return None
 
-    def _lossless_nbits(self, parts) -> list[NBits] | None:
-        encs = []
-        for canonical, layer in parts:
-            raw = self._raw(canonical, layer)
-            if raw is None:
-                return None
-            qtype, blocks, _ = raw
-            enc = nbits_from_gguf(qtype, blocks, self.raw_reader.tensor(canonical, layer))
-            if enc is None:
-                self.stats.requantized[f"{qtype} has no exact {self.dialect} encoding"] += 1
-                return None
-            encs.append((qtype, enc))
-        for qtype, _ in encs:
-            self.stats.lossless[qtype] += 1
-        return [e for _, e in encs]
+    def _qtype(self, canonical: str, layer: int | None) -> str | None:
+        raw = self._raw(canonical, layer)
+        return None if raw is None else raw[0]
 
-    # ----- emit ---------------------------------------------------------------------------------
-    def _nbits_node(self, b, x: str, name: str, enc: NBits) -> str:
+    def _carried(self, canonical: str, layer: int | None) -> NBits | None:
+        """The exact encoding of a source tensor, decoded in row chunks (checked on its first rows)."""
+        raw = self._raw(canonical, layer)
+        if raw is None:
+            return None
+        qtype, blocks, shape = raw
+        encs = [decode(qtype, blocks[a:b]) for a, b in _chunks(shape[0], shape[1])]
+        if not encs or encs[0] is None or nbits_from_gguf(qtype, blocks[:8]) is None:
+            self.stats.requantized[f"{qtype} has no exact {self.dialect} encoding"] += 1
+            return None
+        self.stats.lossless[qtype] += 1
+        return NBits.stack(encs)
+
+    def _check(self, form: Form, enc_bytes: int, n: int, k: int) -> None:
+        expected = form_bytes(form, n, k, self.dtype.itemsize)
+        if enc_bytes != expected:      # the planner counts form_bytes: a mismatch would make plan != build
+            raise RuntimeError(f"internal: {form} of ({n}, {k}) wrote {enc_bytes} bytes, planned {expected}")
+
+    # ----- emit: factors, MatMulNBits ----------------------------------------------------------------
+    def _factor(self, b, name: str, f, rows: str | None = None) -> str:
+        """The (…, n_blocks) fp32 values of a stored Factor: (N, nb) from its initializers, or (B, S, nb) for the
+        rows ``rows`` (token ids) only. The initializers are written once per name (a tied head reuses them)."""
+        names = self._written.get(name)
+        if names is None:
+            names = self._written[name] = (b.weight(f"{name}.base", f.base),
+                                           None if f.mult is None else b.weight(f"{name}.mult", f.mult))
+        base, mult = names
+        tag = name if rows is None else f"{name}.rows"      # node names (and so output names) stay unique
+        if rows is not None:
+            base = b.op("Gather", base, rows, axis=0, name=f"{tag}/GatherBase")                # (B, S, G)
+            mult = None if mult is None else b.op("Gather", mult, rows, axis=0, name=f"{tag}/GatherMult")
+        base = b.op("Cast", base, to=TensorProto.FLOAT, name=f"{tag}/CastBase")
+        if mult is None:
+            return base
+        return self._expand(b, tag, base, mult, f.base.shape[1], f.mult.shape[1], 1 if rows is None else 2)
+
+    def _expand(self, b, name: str, base: str, mult: str, groups: int, blocks: int, lead: int) -> str:
+        #   mult (…, nb) ─Cast─Reshape (…, G, per)─ * base (…, G, 1) ─Reshape─> (…, nb)
+        per = blocks // groups
+        m = b.op("Reshape", b.op("Cast", mult, to=TensorProto.FLOAT, name=f"{name}/CastMult"),
+                 b.const([0] * lead + [groups, per]), name=f"{name}/Groups")
+        prod = b.op("Mul", m, b.op("Unsqueeze", base, b.const([-1]), name=f"{name}/BaseCol"), name=f"{name}/Expand")
+        return b.op("Reshape", prod, b.const([0] * lead + [blocks]), name=f"{name}/Blocks")
+
+    def _to_float(self, b, x: str, name: str) -> str:
+        return x if self.onnx_float == TensorProto.FLOAT else b.op("Cast", x, to=self.onnx_float, name=name)
+
+    def _nbits_node(self, b, x: str, name: str, enc: NBits, level: int | None = None) -> str:
         #   x ─MatMulNBits─> y ─(+)─> out            the (+) branch only for offsets (asymmetric GGUF blocks):
         #   x ─Reshape (B,S,nb,bs)─ReduceSum─> (B,S,nb) ─MatMul(offsets^T (nb, N))─┘
-        dt = self.dtype
-        inputs = [x, b.weight(f"{name}.qweight", enc.blob), b.weight(f"{name}.scales", enc.scales.reshape(-1).astype(dt))]
+        scales32 = self._factor(b, f"{name}.scales", enc.scale)                               # (N, nb) fp32
+        scales = self._to_float(b, b.op("Reshape", scales32, b.const([-1]), name=f"{name}/ScalesFlat"),
+                                f"{name}/ScalesCast")
+        inputs = [x, b.weight(f"{name}.qweight", enc.blob), scales]
         if enc.zero_point is not None:
             inputs.append(b.weight(f"{name}.zero_points", enc.packed_zero_points()))
         y = b.op("MatMulNBits", *inputs, domain="com.microsoft", K=enc.k, N=enc.n, bits=enc.bits,
-                 block_size=enc.block_size, accuracy_level=self.accuracy_level, name=f"{name}/MatMulNBits")
-        if enc.offsets is None:
+                 block_size=enc.block_size, accuracy_level=self.accuracy_level if level is None else level,
+                 name=f"{name}/MatMulNBits")
+        if enc.offset is None:
             return y
         if enc.k % enc.block_size:
             raise ValueError("offsets need K to be a multiple of the block size")
+        offsets = self._offsets(b, name, enc, scales32)                                        # (N, nb) fp32
+        offsets_t = self._to_float(b, b.op("Transpose", offsets, perm=[1, 0], name=f"{name}/OffsetsT"),
+                                   f"{name}/OffsetsCast")                                      # (nb, N)
         blocks = b.op("Reshape", x, b.const([0, 0, enc.n_blocks, enc.block_size]), name=f"{name}/Blocks")
         sums = b.op("ReduceSum", blocks, b.const([-1]), keepdims=0, name=f"{name}/BlockSums")    # (B, S, nb)
-        shift = b.op("MatMul", sums, b.weight(f"{name}.offsets_t", enc.offsets.T.astype(dt)), name=f"{name}/Offsets")
+        shift = b.op("MatMul", sums, offsets_t, name=f"{name}/Offsets")
         return b.op("Add", y, shift, name=f"{name}/AddOffsets")
+
+    def _offsets(self, b, name: str, enc: NBits, scales32: str, rows: str | None = None) -> str:
+        """offset_sign * offset + offset_shift * scales, fp32, same shape as ``scales32``."""
+        off = self._factor(b, f"{name}.offsets", enc.offset, rows)
+        off = b.op("Mul", off, b.const(enc.offset_sign, np.float32), name=f"{name}/OffsetSign")
+        return b.op("Add", off, b.op("Mul", scales32, b.const(enc.offset_shift, np.float32), name=f"{name}/Shift"),
+                    name=f"{name}/OffsetTotal")
 
     def _qdq_node(self, b, x: str, name: str, enc: QDQ) -> str:
         k, n = enc.values.shape
@@ -121,37 +186,93 @@ class QuantCodec:
         deq = b.op("DequantizeLinear", w, s, name=f"{name}/Dequantize", **attrs)     # (K, N) float
         return b.op("MatMul", x, deq, name=f"{name}/MatMul")
 
-    def linear(self, b, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, parts=()) -> str:
+    # ----- linears ----------------------------------------------------------------------------------
+    def linear(self, b, x: str, name: str, weight, bias: np.ndarray | None, parts=()) -> str:
+        """``weight`` is the (N, K) float32 array or a callable returning it (loaded only if needed)."""
         if self.dialect == "ort":
-            encs = self._lossless_nbits(parts) if parts else None
-            if encs is not None and len({(e.bits, e.block_size, e.zero_point, e.offsets is None) for e in encs}) > 1:
-                # parts stored in different GGUF types (Q4_K_M mixes Q4_K and Q6_K): one MatMulNBits each
-                outs = [self._nbits_node(b, x, f"{name}.{i}", e) for i, e in enumerate(encs)]
-                y = b.op("Concat", *outs, axis=-1, name=f"{name}/Concat")
-            else:
-                if encs is not None:
-                    enc = _stack(encs)
-                else:
-                    enc = to_nbits(weight, self.bits, self.block_size)
-                    self.stats.requantized["round-to-nearest from floats"] += len(parts) or 1
-                y = self._nbits_node(b, x, name, enc)
+            y = self._ort_linear(b, x, name, weight, parts)
         else:
-            enc = self._lossless_qdq(parts) if self.bits == 4 and parts else None
-            if enc is None:
-                enc = to_qdq_int4(weight, self.block_size) if self.bits == 4 else to_qdq_int8(weight)
-                self.stats.requantized["symmetric round-to-nearest for TensorRT"] += len(parts) or 1
-            y = self._qdq_node(b, x, name, enc)
+            y = self._trt_linear(b, x, name, weight, parts)
         if bias is not None:
             y = b.op("Add", y, b.weight(f"{name}.bias", bias.astype(self.dtype)), name=f"{name}/BiasAdd")
         return y
+
+    def _ort_linear(self, b, x: str, name: str, weight, parts) -> str:
+        parts = list(parts) or [(None, None)]
+        forms = [self.form_of("linear", self._qtype(c, l) if c else None, 0) for c, l in parts]
+        if all(f.kind == "nbits" for f in forms):           # floats (or re-quantized types): one encoding
+            w = _load(weight)
+            enc = _rtn(w, self.bits, self.block_size)
+            self._check(forms[0], enc.nbytes, *w.shape)
+            self.stats.requantized[self._why(parts)] += len(parts)
+            return self._nbits_node(b, x, name, enc)
+        encs = []
+        for (canonical, layer), form in zip(parts, forms):
+            enc = self._carried(canonical, layer) if form.kind == "carry" else None
+            if enc is None:     # a part stored in a type kept as floats here: its own rows, re-quantized
+                w = self._part_floats(canonical, layer)
+                enc = _rtn(w, self.bits, self.block_size)
+                form = Form("nbits", self.bits, self.block_size)
+                self.stats.requantized[self._why([(canonical, layer)])] += 1
+            self._check(form, enc.nbytes, enc.n, enc.k)
+            encs.append(enc)
+        if all(e.same_form(encs[0]) for e in encs):
+            return self._nbits_node(b, x, name, NBits.stack(encs))
+        # parts stored in different GGUF types (Q4_K_M mixes Q4_K and Q6_K): one MatMulNBits each
+        outs = [self._nbits_node(b, x, f"{name}.{i}", e) for i, e in enumerate(encs)]
+        return b.op("Concat", *outs, axis=-1, name=f"{name}/Concat")
+
+    def _float_rows(self, canonical: str, weight):
+        """The float32 rows of a large table, a chunk at a time: decoded from the file's blocks when the reader
+        has them (never the whole table in float32: 2.2 GB for a 152k x 3584 head), else sliced from the
+        loaded weight."""
+        raw = self._raw(canonical, None)
+        if raw is None:
+            w = _load(weight)
+            for a, c in _chunks(*w.shape):
+                yield w[a:c]
+            return
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        qtype, blocks, shape = raw
+        for a, c in _chunks(*shape):
+            enc = decode(qtype, blocks[a:c])
+            yield (enc.dequantize() if enc is not None else
+                   dequantize(np.ascontiguousarray(blocks[a:c]).reshape(c - a, -1),
+                              GGMLQuantizationType[qtype]).reshape(c - a, shape[1]).astype(np.float32))
+
+    def _part_floats(self, canonical: str, layer: int | None) -> np.ndarray:
+        raw = self._raw(canonical, layer)
+        if raw is not None and raw[0] in LOSSLESS:
+            enc = decode(raw[0], raw[1])
+            if enc is not None:
+                return enc.dequantize()
+        return self.raw_reader.tensor(canonical, layer)
+
+    def _why(self, parts) -> str:
+        qtypes = {self._qtype(c, l) for c, l in parts if c}
+        qtypes.discard(None)
+        kept = sorted(q for q in qtypes if q in LOSSLESS)
+        if kept and self.lossless:
+            return f"{'/'.join(kept)} re-quantized to {self.bits} bits (--exact-blocks keeps them)"
+        return "round-to-nearest from floats"
+
+    def _trt_linear(self, b, x: str, name: str, weight, parts) -> str:
+        enc = self._lossless_qdq(parts) if self.bits == 4 and parts else None
+        if enc is None:
+            w = _load(weight)
+            enc = to_qdq_int4(w, self.block_size) if self.bits == 4 else to_qdq_int8(w)
+            self.stats.requantized["symmetric round-to-nearest for TensorRT"] += len(parts) or 1
+        return self._qdq_node(b, x, name, enc)
 
     def _lossless_qdq(self, parts) -> QDQ | None:
         encs = []
         for canonical, layer in parts:
             raw = self._raw(canonical, layer)
-            if raw is None or raw[0] != "Q4_0" or self.block_size != 32:
+            if raw is None or not self._trt_carries(raw[0]):
                 return None
-            enc = qdq_int4_from_q4_0(raw[1], self.raw_reader.tensor(canonical, layer))
+            enc = qdq_int4_from_q4_0(raw[1])
             if enc is None:
                 return None
             encs.append(enc)
@@ -159,75 +280,106 @@ class QuantCodec:
         return QDQ(4, 32, np.concatenate([e.values for e in encs], axis=1),
                    np.concatenate([e.scales for e in encs], axis=1))
 
-    # ----- embedding and LM head: INT8 ----------------------------------------------------------
-    def _table(self, b, weight: np.ndarray, name: str, canonical: str, *, per_row: bool = False) -> dict:
-        """Store a (V, H) table once in INT8: MatMulNBits blocks (ort LM head, or an embedding it shares),
-        or per row (tensorrt; an ort embedding that only Gather reads)."""
-        if self.dialect == "ort":
-            encs = self._lossless_nbits([(canonical, None)])
-            enc = encs[0] if encs and encs[0].bits == 8 and encs[0].zero_point is None else None
-            if enc is None and not per_row:
-                block = next((bs for bs in HEAD_BLOCKS if weight.shape[1] % bs == 0), HEAD_BLOCKS[-1])
-                enc = to_nbits(weight, 8, block)
+    # ----- embedding and LM head -----------------------------------------------------------------
+    def _table(self, b, weight, name: str, canonical: str, role: str, tied: bool = False) -> dict:
+        """Store a (V, H) table once: MatMulNBits blocks (ort: carried or INT8), or INT8 per row."""
+        k = _k_of(weight, self.raw_reader, canonical)
+        form = self.form_of(role, self._qtype(canonical, None), k, tied=tied)
+        enc = self._carried(canonical, None) if form.kind == "carry" else None
+        if form.kind == "carry" and enc is None:        # blocks that do not decode (e.g. non-finite scales)
+            form = self.form_of(role, None, k, tied=tied)
+        if form.kind in ("carry", "nbits"):
+            if enc is None:
+                enc = NBits.stack([to_nbits(w, form.bits, form.block) for w in self._float_rows(canonical, weight)])
                 self.stats.requantized["round-to-nearest from floats"] += 1
-            if enc is not None:
-                return {"enc": enc, "blob": b.weight(f"{name}.qweight", enc.blob),
-                        "scales": b.weight(f"{name}.scales", enc.scales.reshape(-1).astype(self.dtype))}
-        enc = to_qdq_int8(weight)                                    # (H, V) codes, (V,) scales
+            self._check(form, enc.nbytes, enc.n, enc.k)
+            return {"enc": enc, "blob": b.weight(f"{name}.qweight", enc.blob)}
+        encs = [to_qdq_int8(w) for w in self._float_rows(canonical, weight)]   # (H, rows) codes, (rows,) scales
         self.stats.requantized["symmetric round-to-nearest for TensorRT" if self.dialect == "tensorrt" else
                                "round-to-nearest from floats"] += 1
-        codes = np.ascontiguousarray(enc.values.T)                   # (V, H): rows are tokens
+        codes = np.concatenate([e.values.T for e in encs])              # (V, H): rows are tokens
+        scales = np.concatenate([e.scales for e in encs])
         return {"codes": b.weight(f"{name}.qweight", codes), "scales": b.weight(f"{name}.scales",
-                                                                                  enc.scales.astype(self.dtype))}
+                                                                                  scales.astype(self.dtype))}
 
-    def embedding(self, b, ids: str, weight: np.ndarray, tied: bool = False) -> str:
-        shared = tied and self.head_bits == 8       # the head can read the embedding's own INT8 table
-        t = self._embed = self._table(b, weight, "embed", "embed.weight", per_row=not shared)
+    def embedding(self, b, ids: str, weight, tied: bool = False) -> str:
+        t = self._embed = self._table(b, weight, "embed", "embed.weight", "embedding", tied)
         if "enc" in t:
-            enc: NBits = t["enc"]
-            codes = b.op("Gather", t["blob"], ids, axis=0, name="embed/GatherCodes")        # (B, S, nb, bs) uint8
-            vals = b.op("Sub", b.op("Cast", codes, to=self.onnx_float, name="embed/Cast"),
-                        b.const(128.0, self.dtype), name="embed/Center")
-            scales = b.op("Reshape", t["scales"], b.const([enc.n, enc.n_blocks, 1]), name="embed/ScaleShape")
-            scale = b.op("Gather", scales, ids, axis=0, name="embed/GatherScales")          # (B, S, nb, 1)
-            rows = b.op("Mul", vals, scale, name="embed/Scale")
-            flat = b.op("Reshape", rows, b.const([0, 0, -1]), name="embed/Flatten")         # (B, S, nb*bs)
-            if enc.n_blocks * enc.block_size != enc.k:
-                flat = b.op("Slice", flat, b.const([0]), b.const([enc.k]), b.const([2]), name="embed/Unpad")
-            return flat
+            return self._gather_rows(b, ids, t["enc"], t["blob"])
         codes = b.op("Gather", t["codes"], ids, axis=0, name="embed/GatherCodes")            # (B, S, H) int8
         scales = b.op("Unsqueeze", t["scales"], b.const([1]), name="embed/ScaleCol")         # (V, 1)
         scale = b.op("Gather", scales, ids, axis=0, name="embed/GatherScales")               # (B, S, 1)
         return b.op("Mul", b.op("Cast", codes, to=self.onnx_float, name="embed/Cast"), scale, name="embed/Scale")
 
-    def lm_head(self, b, flat: str, weight: np.ndarray, tied: bool = False) -> str:
+    def _gather_rows(self, b, ids: str, enc: NBits, blob: str) -> str:
+        #   ids ─Gather(blob)─> (B,S,nb,bytes) ─[nibbles]─> (B,S,nb,bs) ─Cast - zero─ * scale [+ offset] ─> (B,S,K)
+        #   scale, offset: Gather rows of the stored factors, expanded for those rows only
+        codes = b.op("Gather", blob, ids, axis=0, name="embed/GatherCodes")                  # (B, S, nb, bytes)
+        if enc.bits == 4:
+            lo = b.op("BitwiseAnd", codes, b.const(15, np.uint8), name="embed/Low")
+            hi = b.op("BitShift", codes, b.const(4, np.uint8), direction="RIGHT", name="embed/High")
+            pair = b.op("Concat", b.op("Unsqueeze", lo, b.const([-1]), name="embed/LowCol"),
+                        b.op("Unsqueeze", hi, b.const([-1]), name="embed/HighCol"), axis=-1, name="embed/Pairs")
+            codes = b.op("Reshape", pair, b.const([0, 0, enc.n_blocks, enc.block_size]), name="embed/Codes")
+        vals = b.op("Sub", b.op("Cast", codes, to=TensorProto.FLOAT, name="embed/Cast"),
+                    b.const(float(enc.zero), np.float32), name="embed/Center")            # (B, S, nb, bs)
+        scale = self._factor(b, "embed.scales", enc.scale, ids)                                # (B, S, nb)
+        rows = b.op("Mul", vals, b.op("Unsqueeze", scale, b.const([-1]), name="embed/ScaleCol"), name="embed/Scale")
+        if enc.offset is not None:
+            off = self._offsets(b, "embed", enc, scale, ids)                                     # (B, S, nb)
+            rows = b.op("Add", rows, b.op("Unsqueeze", off, b.const([-1]), name="embed/OffsetCol"),
+                        name="embed/Offset")
+        flat = b.op("Reshape", rows, b.const([0, 0, -1]), name="embed/Flatten")           # (B, S, nb*bs)
+        if enc.n_blocks * enc.block_size != enc.k:
+            flat = b.op("Slice", flat, b.const([0]), b.const([enc.k]), b.const([2]), name="embed/Unpad")
+        return self._to_float(b, flat, "embed/CastOut")
+
+    def lm_head(self, b, flat: str, weight, tied: bool = False) -> str:
         if self.head_bits == 4:
             return self._int4_head(b, flat, weight)
-        t = self._embed if tied else self._table(b, weight, "lm_head", "lm_head.weight")
+        if tied:
+            t = self._embed
+        else:
+            t = self._table(b, weight, "lm_head", "lm_head.weight", "lm_head")
         if "enc" in t:
             enc: NBits = t["enc"]
-            return b.op("MatMulNBits", flat, t["blob"], t["scales"], domain="com.microsoft", K=enc.k, N=enc.n,
-                        bits=8, block_size=enc.block_size, accuracy_level=self.head_accuracy_level,
+            name = "embed" if tied else "lm_head"
+            scales = self._to_float(b, b.op("Reshape", self._factor(b, f"{name}.scales", enc.scale), b.const([-1]),
+                                            name="lm_head/ScalesFlat"), "lm_head/ScalesCast")
+            return b.op("MatMulNBits", flat, t["blob"], scales, domain="com.microsoft", K=enc.k, N=enc.n,
+                        bits=enc.bits, block_size=enc.block_size, accuracy_level=self.head_accuracy_level,
                         name="lm_head/MatMulNBits")
         deq = b.op("DequantizeLinear", t["codes"], t["scales"], axis=0, name="lm_head/Dequantize")  # (V, H)
         return b.op("Gemm", flat, deq, transB=1, name="lm_head/Gemm")
 
-
-    def _int4_head(self, b, flat: str, weight: np.ndarray) -> str:
+    def _int4_head(self, b, flat: str, weight) -> str:
         self.stats.requantized["round-to-nearest from floats"] += 1
+        w = _load(weight)
         if self.dialect == "ort":
-            enc = to_nbits(weight, 4, self.block_size)
-            return self._nbits_node(b, flat, "lm_head", enc)
-        enc = to_qdq_int4(weight, self.block_size)                      # (H, V) blocked along H
+            return self._nbits_node(b, flat, "lm_head", _rtn(w, 4, self.block_size))
+        enc = to_qdq_int4(w, self.block_size)                      # (H, V) blocked along H
         return self._qdq_node(b, flat, "lm_head", enc)
 
 
-def _stack(encs: list[NBits]) -> NBits:
-    """Several MatMulNBits weights with the same K, encoding and block size, stacked along N."""
-    first = encs[0]
-    if len(encs) == 1:
-        return first
-    offsets = None if first.offsets is None else np.concatenate([e.offsets for e in encs])
-    return NBits(first.bits, first.block_size, sum(e.n for e in encs), first.k,
-                 np.concatenate([e.blob for e in encs]), np.concatenate([e.scales for e in encs]),
-                 first.zero_point, offsets)
+def _rtn(w: np.ndarray, bits: int, block: int) -> NBits:
+    """Round-to-nearest MatMulNBits in row chunks (the float temporaries stay small)."""
+    return NBits.stack([to_nbits(w[a:c], bits, block) for a, c in _chunks(*w.shape)])
+
+
+def _chunks(rows: int, cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _k_of(weight, reader, canonical: str = "embed.weight") -> int:
+    if isinstance(weight, np.ndarray):
+        return weight.shape[1]
+    shape = getattr(weight, "shape", None)
+    if shape is not None:
+        return shape[1]
+    if reader is not None:
+        try:
+            return reader.raw(canonical, None)[2][1]
+        except Exception:
+            pass
+    return _load(weight).shape[1]

@@ -7,7 +7,8 @@ Two containers hold the same numbers in different layouts:
 ``nbits`` — onnxruntime's MatMulNBits (``ort`` dialect)::
 
     B       uint8 (N, n_blocks, block_size * bits / 8)   4-bit: element 2j in the low nibble of byte j
-    scales  float (N * n_blocks,)
+    scales  float (N * n_blocks,), stored compactly as a Factor (fp16, or GGUF's fp16 d x integer sub-scales)
+            and expanded in the graph (folded by onnxruntime at load)
     zeros   absent (the default zero point: 8 for 4-bit, 128 for 8-bit) or one integer for every block
     w[n, k] = (q[n, k] - zero) * scale[n, k // bs] + offset[n, k // bs]   (K is zero-padded to whole blocks)
 
@@ -34,17 +35,64 @@ BLOCK_SIZES = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
+class Factor:
+    """Per-block numbers (scales or offsets) as stored in the bundle, compactly:
+
+        value[n, j] = base[n, j // per] * mult[n, j]      per = n_blocks / n_groups; mult None: base[n, j]
+
+    ``base`` is float16 (GGUF's own ``d``/``dmin``, or an fp16-rounded RTN scale) and ``mult`` the small integer
+    sub-block scales of K-quants (uint8 / int8). The graph expands them to the compute dtype with Cast/Mul on
+    initializers only, which onnxruntime folds once at load; the file keeps GGUF's size (fp32 scales per 32
+    values would add a bit per weight: +22% on a Q4_K file).
+    """
+
+    base: np.ndarray                  # float16 (N, n_groups)
+    mult: np.ndarray | None = None    # uint8 / int8 (N, n_blocks), n_blocks a multiple of n_groups
+
+    def values(self) -> np.ndarray:
+        """(N, n_blocks) float32, exactly as the graph computes them in fp32."""
+        base = self.base.astype(np.float32)
+        if self.mult is None:
+            return base
+        n, groups = base.shape
+        per = self.mult.shape[1] // groups
+        return (self.mult.astype(np.float32).reshape(n, groups, per) * base[..., None]).reshape(n, -1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes + (0 if self.mult is None else self.mult.nbytes)
+
+    @staticmethod
+    def concat(factors: "list[Factor]") -> "Factor":
+        """Stacked along N (rows); all with the same structure."""
+        mults = [f.mult for f in factors]
+        return Factor(np.concatenate([f.base for f in factors]),
+                      None if mults[0] is None else np.concatenate(mults))
+
+
+def fp16_factor(values: np.ndarray) -> Factor:
+    """Plain per-block float values stored as fp16 (the values the graph will compute with)."""
+    return Factor(np.asarray(values, np.float32).astype(np.float16))
+
+
+@dataclass(frozen=True)
 class NBits:
-    """A weight in MatMulNBits form."""
+    """A weight in MatMulNBits form.
+
+    ``scale`` is stored as a :class:`Factor`; ``offset`` (asymmetric GGUF blocks) too, with
+    offsets = offset_sign * offset.values() + offset_shift * scales (Q4_1: m + 8d; Q4_K: -dmin*m + 8*d*sc).
+    """
 
     bits: int
     block_size: int
     n: int
     k: int
     blob: np.ndarray                  # uint8 (N, n_blocks, block_size * bits // 8)
-    scales: np.ndarray                # float32 (N, n_blocks)
+    scale: Factor                     # (N, n_blocks) values
     zero_point: int | None = None     # None: MatMulNBits' default (8 or 128)
-    offsets: np.ndarray | None = None # float32 (N, n_blocks), added after the scaled codes
+    offset: Factor | None = None      # added after the scaled codes (see above)
+    offset_sign: float = 1.0
+    offset_shift: float = 0.0
 
     @property
     def n_blocks(self) -> int:
@@ -53,6 +101,25 @@ class NBits:
     @property
     def zero(self) -> int:
         return (1 << (self.bits - 1)) if self.zero_point is None else self.zero_point
+
+    @property
+    def scales(self) -> np.ndarray:
+        """float32 (N, n_blocks)."""
+        return self.scale.values()
+
+    @property
+    def offsets(self) -> np.ndarray | None:
+        """float32 (N, n_blocks), or None for symmetric encodings."""
+        if self.offset is None:
+            return None
+        return (np.float32(self.offset_sign) * self.offset.values()
+                + np.float32(self.offset_shift) * self.scales).astype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every initializer this weight becomes (codes, scale and offset factors, zero points)."""
+        zp = 0 if self.zero_point is None else self.packed_zero_points().nbytes
+        return self.blob.nbytes + self.scale.nbytes + (0 if self.offset is None else self.offset.nbytes) + zp
 
     def packed_zero_points(self) -> np.ndarray:
         """MatMulNBits' zero_points input: uint8, 4-bit values two per byte per row of blocks."""
@@ -65,9 +132,30 @@ class NBits:
         """(N, K) float32, computed independently of how the codes were made."""
         codes = unpack_codes(self.blob, self.bits).reshape(self.n, self.n_blocks, self.block_size).astype(np.float32)
         w = (codes - np.float32(self.zero)) * self.scales[..., None]
-        if self.offsets is not None:
-            w = w + self.offsets[..., None]
+        offsets = self.offsets
+        if offsets is not None:
+            w = w + offsets[..., None]
         return w.reshape(self.n, -1)[:, :self.k]
+
+    @staticmethod
+    def stack(encs: "list[NBits]") -> "NBits":
+        """Several weights with the same K, encoding and block size, stacked along N."""
+        first = encs[0]
+        if len(encs) == 1:
+            return first
+        return NBits(first.bits, first.block_size, sum(e.n for e in encs), first.k,
+                     np.concatenate([e.blob for e in encs]), Factor.concat([e.scale for e in encs]),
+                     first.zero_point, None if first.offset is None else Factor.concat([e.offset for e in encs]),
+                     first.offset_sign, first.offset_shift)
+
+    def same_form(self, other: "NBits") -> bool:
+        """Whether the two can be stacked into one MatMulNBits."""
+        def shape(f):
+            return None if f is None else (f.base.shape[1], None if f.mult is None else (f.mult.shape[1], f.mult.dtype))
+        return ((self.bits, self.block_size, self.zero_point, self.offset_sign, self.offset_shift,
+                 shape(self.scale), shape(self.offset)) ==
+                (other.bits, other.block_size, other.zero_point, other.offset_sign, other.offset_shift,
+                 shape(other.scale), shape(other.offset)))
 
 
 def _check_block(block_size: int, k: int, *, must_divide: bool) -> None:
@@ -88,17 +176,21 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return w.reshape(n, -1, block_size)
 
 
-def symmetric_codes(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def symmetric_codes(w: np.ndarray, bits: int, block_size: int, *, fp16_scales: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Round-to-nearest symmetric block quantization: signed codes (N, n_blocks, bs) and scales (N, n_blocks).
 
     The scale maps the block's largest-magnitude value to the most negative code (-8 or -128), the trick
-    llama.cpp's Q4_0 uses: the full signed range is used instead of leaving one code idle.
+    llama.cpp's Q4_0 uses: the full signed range is used instead of leaving one code idle. With
+    ``fp16_scales`` the scale is rounded to fp16 (how it is stored) before the codes are chosen.
     """
     blocks = _blocks(np.asarray(w, np.float32), block_size)
     lo = -(1 << (bits - 1))
     idx = np.abs(blocks).argmax(axis=-1)
     peak = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]            # signed, largest |w|
     scales = (peak / lo).astype(np.float32)
+    if fp16_scales:
+        scales = scales.astype(np.float16).astype(np.float32)
     safe = np.where(scales == 0, 1.0, scales)
     codes = np.clip(np.rint(blocks / safe[..., None]), lo, -lo - 1).astype(np.int8)
     return codes, scales
@@ -125,9 +217,9 @@ def to_nbits(w: np.ndarray, bits: int, block_size: int) -> NBits:
     """RTN symmetric MatMulNBits encoding of a (N, K) weight (K zero-padded to whole blocks)."""
     n, k = w.shape
     _check_block(block_size, k, must_divide=False)
-    codes, scales = symmetric_codes(w, bits, block_size)
+    codes, scales = symmetric_codes(w, bits, block_size, fp16_scales=True)
     offset = 1 << (bits - 1)
-    return NBits(bits, block_size, n, k, pack_codes(codes.astype(np.int16) + offset, bits), scales)
+    return NBits(bits, block_size, n, k, pack_codes(codes.astype(np.int16) + offset, bits), fp16_factor(scales))
 
 
 # ----- ONNX DequantizeLinear (tensorrt dialect) --------------------------------------------------------

@@ -343,6 +343,8 @@ def _inspect(gg: Any, path: Path) -> tuple[ModelSpec, Architecture]:
     elif scaling not in ("none", ""):
         raise ModelFormatError(
             f"{path.name} uses {scaling!r} rotary scaling: edgekit supports default and llama3 rotary scaling")
+    # The real tensor-type mix (Q4_K_M files mix Q4_K, Q6_K and F32): the planner sizes each tensor by it.
+    extras.append(("tensor_types", tuple((t.name, t.tensor_type.name) for t in gg.tensors)))
     eos_ids = [_optional(gg, f"tokenizer.ggml.{k}_token_id", path, int) for k in ("eos", "eot", "eom")]
     spec = spec_from_fields(
         architecture=arch.name,

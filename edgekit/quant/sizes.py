@@ -1,0 +1,114 @@
+"""The bytes a build writes, counted without reading a weight: the planner's single source for what
+``edgekit build`` can write (fp32, fp16, int8, int4).
+
+Every weight's form is decided by :meth:`QuantCodec.form_of` from its source type (a GGUF's real tensor-type
+mix, read from the header into ``spec.extras["tensor_types"]``) and shape, and counted by
+:func:`~edgekit.quant.codec.form_bytes` — the same two functions the writer uses, which checks what it writes
+against them. Norms, biases and the rotary tables are stored in the graph's float type.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from ..architectures import GGUF_WEIGHT_NAMES, layer_name
+from ..spec import ModelSpec
+
+# The ONNX dialect each backend runs.
+DIALECT_OF_BACKEND = {"tensorrt": "tensorrt", "onnxruntime-cuda": "ort", "onnxruntime-cpu": "ort"}
+BUILDABLE = ("fp32", "fp16", "int8", "int4")
+# Packed matmuls: the graph's name -> the checkpoint tensors stacked into it.
+PACKED = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The options that change what a quantized build stores (see ``edgekit.build.QuantOptions``)."""
+
+    block_size: int = 32
+    head_bits: int = 8
+    lossless: bool = True
+    exact: bool = False
+
+
+def tensor_types(spec: ModelSpec) -> dict[str, str]:
+    """GGUF tensor name -> ggml type name, for a spec read from a GGUF (empty for float checkpoints)."""
+    return dict(dict(spec.extras).get("tensor_types", ()))
+
+
+def build_weight_bytes(spec: ModelSpec, *, dialect: str, precision: str, graph_float: str, context: int,
+                       quant: QuantSettings | None = None):
+    """:class:`edgekit.precision.WeightBytes` of the bundle ``edgekit build`` writes for these settings."""
+    from ..precision import WeightBytes
+    from .forms import FormPolicy, form_bytes
+
+    quant = quant or QuantSettings()
+    fb = 4 if graph_float == "fp32" else 2
+    types = tensor_types(spec)
+
+    def qtype(canonical: str, layer: int | None = None) -> str | None:
+        return types.get(layer_name(GGUF_WEIGHT_NAMES, canonical, layer)) if types else None
+
+    h, vocab, layers = spec.hidden_size, spec.vocab_size, spec.num_layers
+    kinds: Counter = Counter()
+    if precision in ("int4", "int8"):
+        codec = FormPolicy.of(dialect, precision, block_size=quant.block_size, head_bits=quant.head_bits,
+                              lossless=quant.lossless, exact=quant.exact)
+
+        def sized(role: str, canonical: str, layer: int | None, n: int, k: int, tied: bool = False) -> tuple[int, int]:
+            form = codec.form_of(role, qtype(canonical, layer), k, tied=tied)
+            kinds[_describe(form, qtype(canonical, layer))] += 1
+            return form_bytes(form, n, k, fb), _codes_bytes(form, n, k)
+    else:
+        def sized(role: str, canonical: str, layer: int | None, n: int, k: int, tied: bool = False) -> tuple[int, int]:
+            kinds[f"{graph_float} dense"] += 1
+            return n * k * fb, n * k * fb
+
+    linears, largest = 0, ("", 0)
+    for i in range(layers):
+        for packed, parts in PACKED.items():
+            for part in parts:
+                n, k = spec.linear_shapes[part]
+                total, codes = sized("linear", f"layers.{{i}}.{part}.weight", i, n, k)
+                linears += total
+                if codes > largest[1]:
+                    largest = (f"{packed} weight of one layer", codes)
+    tied = spec.tie_word_embeddings
+    embedding, embed_codes = sized("embedding", "embed.weight", None, vocab, h, tied=tied)
+    lm_head, head_codes = 0, 0
+    if not tied:
+        lm_head, head_codes = sized("lm_head", "lm_head.weight", None, vocab, h)
+    elif precision in ("int4", "int8") and quant.head_bits == 4:
+        lm_head, head_codes = sized("lm_head", "embed.weight", None, vocab, h)
+    bias = (spec.q_size + 2 * spec.kv_size if spec.qkv_bias else 0) + (h if spec.o_bias else 0)
+    norms = (2 * layers + 1) * h
+    rope = 2 * context * (spec.head_dim // 2)
+    small = (layers * bias + norms + rope) * fb
+    # The LM head first: on a tie it is the one named (it is the allocation seen failing on Jetson).
+    largest = max(([("lm_head", head_codes)] if head_codes else []) + [("embedding", embed_codes), largest],
+                  key=lambda c: c[1])
+    forms = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    sources = {
+        "linears": f"{layers} layers x {len(spec.linear_shapes)} linears; tensors: {forms}",
+        "embedding": f"{vocab} x {h}",
+        "lm_head": ("tied to the embedding (stored once)" if tied and not lm_head else f"{vocab} x {h}"),
+        "small": f"norms, biases and rotary tables ({context} positions) in {graph_float}",
+    }
+    return WeightBytes(linears, embedding, lm_head, small, sources, largest)
+
+
+def _describe(form, qtype: str | None) -> str:
+    if form.kind == "carry":
+        return f"{form.qtype} carried over"
+    source = f"{qtype} " if qtype and qtype not in ("F32", "F16", "BF16") else ""
+    if form.kind == "nbits":
+        return f"{source}int{form.bits} block {form.block}".strip()
+    if form.kind == "int4":
+        return "Q4_0 carried over" if form.qtype else f"{source}int4 block {form.block}".strip()
+    return f"{source}int8 per {'row' if form.kind == 'rows8' else 'channel'}".strip()
+
+
+def _codes_bytes(form, n: int, k: int) -> int:
+    """The largest contiguous part of a weight: its codes."""
+    return -(-n * k * (form.bits or 8) // 8)
