@@ -13,6 +13,8 @@ Heavy imports (torch, transformers, gguf) happen inside the functions.
 
 from __future__ import annotations
 
+import sys
+
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +151,16 @@ class TinyGGUF:
     vocab: Vocab | None = None
 
 
+def _benchmark_blocks():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from gguf_blocks import LAYOUTS, random_blocks
+
+    return LAYOUTS, random_blocks
+
+
+LAYOUTS, random_blocks = _benchmark_blocks()
+
+
 def write_tiny_gguf(path: Path, *, arch: str = "qwen2", layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int = 2, intermediate: int = 256, context: int = 128, tie: bool = False,
                     weight_type: str = "Q8_0", types: dict[str, str] | None = None, rope_freqs: bool = False,
@@ -240,7 +252,10 @@ def write_tiny_gguf(path: Path, *, arch: str = "qwen2", layers: int = 2, hidden:
                 data = gguf.quants.quantize(stored, qtype)
             except NotImplementedError:
                 block, size = GGML_QUANT_SIZES[qtype]
-                data = rng.integers(0, 256, (*shape[:-1], shape[-1] // block * size), dtype=np.uint8)
+                if kind in LAYOUTS:     # K-quants: valid random blocks (finite scales), as in the benchmarks
+                    data = random_blocks(kind, int(np.prod(shape[:-1])), shape[-1], rng)
+                else:
+                    data = rng.integers(0, 256, (*shape[:-1], shape[-1] // block * size), dtype=np.uint8)
             w.add_tensor(name, data, raw_dtype=qtype)
         written[name] = kind
     _finish(w)

@@ -185,7 +185,7 @@ def test_tiny_llama_with_rope_freqs(tmp_path):
     tiny = write_tiny_gguf(tmp_path / "tiny-llama.gguf", arch="llama", rope_freqs=True, tie=True)
     with GGUFReader(tiny.path) as reader:
         factors = tiny.weights["rope_freqs.weight"]
-        assert reader.spec.extras == (("rope_freqs", tuple(float(f) for f in factors)),)
+        assert dict(reader.spec.extras)["rope_freqs"] == tuple(float(f) for f in factors)
         assert reader.spec.rope_scaling is None and reader.spec.tie_word_embeddings
         assert np.array_equal(reader.tensor("rope_freqs.weight"), factors)
         # q/k come back in Hugging Face row order (the file stores them permuted).

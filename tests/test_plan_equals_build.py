@@ -1,0 +1,100 @@
+"""One storage model: what `edgekit plan` counts is exactly what `edgekit build` writes, for every dialect,
+precision and kind of source, and an INT4 bundle of a K-quant GGUF is no bigger than the GGUF."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgekit.build import QuantOptions, build
+from edgekit.target import load_target
+
+CONTEXT = 128
+# (target, backend): the three graph flavours: ort fp32 (CPU), ort fp16 (CUDA), tensorrt fp16
+TARGETS = [("cpu", None), ("rtx-4090", "onnxruntime-cuda"), ("orin-nano", None)]
+# A Q4_K_M-style mix: Q4_K almost everywhere, Q6_K for v, down and the LM head (K-quants need K % 256 == 0)
+KMIX = {"token_embd.weight": "Q4_K", "output.weight": "Q6_K",
+        **{f"blk.{i}.{t}.weight": q for i in range(2) for t, q in
+           (("attn_q", "Q4_K"), ("attn_k", "Q4_K"), ("attn_v", "Q6_K"), ("attn_output", "Q4_K"),
+            ("ffn_gate", "Q4_K"), ("ffn_up", "Q4_K"), ("ffn_down", "Q6_K"))}}
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_qwen2_dir, tmp_path_factory):
+    from refs import write_tiny_gguf
+
+    folder = tmp_path_factory.mktemp("plan-sources")
+    out = {"hf": tiny_qwen2_dir}
+    for kind in ("Q4_0", "Q4_1", "Q8_0"):
+        out[kind] = write_tiny_gguf(folder / f"{kind}.gguf", weight_type=kind, hidden=64, intermediate=128,
+                                    types={"token_embd.weight": kind, "output.weight": kind}).path
+    out["kmix"] = write_tiny_gguf(folder / "kmix.gguf", hidden=256, heads=4, kv_heads=2, intermediate=512,
+                                  types=KMIX).path
+    return out
+
+
+def _tensor_bytes(path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+@pytest.mark.parametrize("target, backend", TARGETS)
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+@pytest.mark.parametrize("kind", ["hf", "Q4_0", "Q4_1", "Q8_0", "kmix"])
+def test_planned_weight_bytes_equal_the_built_bundle(sources, tmp_path, kind, precision, target, backend):
+    result = build(sources[kind], load_target(target), output=tmp_path / "b", precision=precision,
+                   context=CONTEXT, backend=backend, quant=QuantOptions(method="rtn"))
+    manifest = json.loads((result.bundle / "manifest.json").read_text())
+    built = manifest["memory"]["weights_bytes"]
+    assert result.plan.weights_bytes == built
+    # and the manifest's figure is what the graph really holds: every initializer of the ONNX file
+    import onnx
+
+    model = onnx.load(result.bundle / "model.onnx", load_external_data=False)
+    held = sum(_initializer_bytes(t) for t in model.graph.initializer if not t.name.startswith("const_"))
+    assert held == built
+
+
+def _initializer_bytes(t) -> int:
+    from onnx import TensorProto, helper
+
+    external = {e.key: e.value for e in t.external_data}
+    if "length" in external:
+        return int(external["length"])
+    if t.raw_data:
+        return len(t.raw_data)
+    n = int(np.prod(t.dims)) if t.dims else 1
+    if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_dense_plans_equal_the_build(sources, tmp_path, precision):
+    target, backend = ("cpu", None) if precision == "fp32" else ("rtx-4090", "onnxruntime-cuda")
+    result = build(sources["kmix"], load_target(target), output=tmp_path / "b", precision=precision,
+                   context=CONTEXT, backend=backend)
+    assert result.plan.weights_bytes == json.loads((result.bundle / "manifest.json").read_text())["memory"][
+        "weights_bytes"]
+
+
+@pytest.mark.parametrize("exact, ceiling", [(False, 1.05), (True, 1.20)])
+def test_k_quant_bundle_is_no_bigger_than_the_gguf(sources, tmp_path, exact, ceiling):
+    """Q4_K carried with its own sub-block scales (4.625 bits vs 4.5), Q6_K linears re-quantized to 4 bits
+    unless --exact-blocks keeps them as 8-bit codes; the norms and rotary tables are extra (the rotary tables
+    grow with the context: this tiny model is 128 positions)."""
+    gguf_bytes = _tensor_bytes(sources["kmix"])
+    result = build(sources["kmix"], load_target("cpu"), output=tmp_path / "b", precision="int4", context=CONTEXT,
+                   quant=QuantOptions(exact=exact))
+    manifest = json.loads((result.bundle / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert q["gguf_blocks"] == ("exact" if exact else "compact")
+    assert q["lossless"]["Q4_K"] == 1 + 2 * 5                     # embedding + q, k, o, gate, up
+    if exact:
+        assert q["lossless"]["Q6_K"] == 2 * 2 + 1 and not q["requantized"]     # with the LM head
+    else:
+        assert sum(q["requantized"].values()) == 2 * 2 + 1       # v, down and the LM head
+    assert manifest["memory"]["weights_bytes"] <= ceiling * gguf_bytes
