@@ -98,3 +98,40 @@ def test_k_quant_bundle_is_no_bigger_than_the_gguf(sources, tmp_path, exact, cei
     else:
         assert sum(q["requantized"].values()) == 2 * 2 + 1       # v, down and the LM head
     assert manifest["memory"]["weights_bytes"] <= ceiling * gguf_bytes
+
+
+def test_plan_warns_when_building_needs_more_memory_than_this_machine_has(tmp_path):
+    """A dense build converts the embedding whole: a 1M x 16k vocabulary needs ~134 GB here, more than any
+    test machine has; the plan says so (the device plan itself is unaffected)."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parent / "fixtures/configs/DeepSeek-R1-Distill-Qwen-1.5B/config.json")
+                        .read_text())
+    config.update(vocab_size=1 << 20, hidden_size=16384, num_attention_heads=128, num_key_value_heads=8)
+    folder = tmp_path / "huge-vocab"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["plan", str(folder), "--target", "rtx-6000-ada", "-p", "fp16", "--json"])
+    warnings = json.loads(result.output)["warnings"]
+    assert any(w.startswith("building this model at fp16 needs about ") and "this machine has" in w
+               and w.endswith("build on a machine with more memory, or close other programs") for w in warnings)
+    small = CliRunner().invoke(cli, ["plan", str(folder), "--target", "rtx-6000-ada", "-p", "int4", "--json"])
+    assert not any("building this model" in w for w in json.loads(small.output)["warnings"])
+
+
+def test_build_progress_counts_bytes_in_plain_lines_when_not_a_terminal(sources, tmp_path):
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+
+    result = CliRunner().invoke(cli, ["build", str(sources["kmix"]), "--target", "cpu", "-p", "int4", "-c", "128",
+                                      "-o", str(tmp_path / "b"), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("export: ")]
+    planned = json.loads((tmp_path / "b" / "manifest.json").read_text())["memory"]["weights_bytes"]
+    from edgekit.units import fmt_bytes
+
+    assert lines and lines[-1].startswith(f"export: {fmt_bytes(planned)} of {fmt_bytes(planned)} (100%)")

@@ -62,15 +62,34 @@ def plan_cmd(ctx: click.Context, model: str, target_name: str, precision: str, c
     context = (min(DEFAULT_CONTEXT, spec.max_position_embeddings) if context_text is None
                else _parse_context(context_text))
     result = plan(spec, target, precision=precision, context=context, backend=backend, budget=budget)
-
+    build_warning = _build_memory_warning(spec, precision)
     if as_json:
         d = result.to_dict()
         d["model"] = spec.name or source.display
+        if build_warning:
+            d["warnings"].append(build_warning)
         echo_json(d)
     else:
         _print_plan(result, spec, source.display)
+        if build_warning:
+            click.echo(f"warning: {build_warning}")
     if not result.fits:
         ctx.exit(3)
+
+
+def _build_memory_warning(spec, precision: str) -> str | None:
+    """A warning when building this model here would need more memory than this machine has free."""
+    from ..quant.sizes import BUILDABLE, build_memory_bytes
+    from ..runtime.memory import available_memory
+
+    if precision not in BUILDABLE:
+        return None
+    need = build_memory_bytes(spec, precision)
+    have, where = available_memory()
+    if need <= have:
+        return None
+    return (f"building this model at {precision} needs about {fmt_bytes(need)} of memory but this machine has "
+            f"{fmt_bytes(have)} available ({where}): build on a machine with more memory, or close other programs")
 
 
 def _parse_context(text: str) -> int:

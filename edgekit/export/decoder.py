@@ -196,6 +196,9 @@ class DecoderWriter:
                                   self.maybe("layers.{i}.o.bias", i), [("layers.{i}.o.weight", i)])
             normed, residual = self.add_norm(o, residual, f"layers.{i}.mlp_norm", ("layers.{i}.mlp_norm.weight", i))
             pending = self.mlp(normed, i)
+            drop = getattr(self.reader, "drop_pages", None)
+            if drop is not None:      # the layer is written: its source pages need not stay resident
+                drop()
             if progress:
                 progress(i + 1, spec.num_layers)
         normed, _ = self.add_norm(pending, residual, "final_norm", ("final_norm.weight", None))

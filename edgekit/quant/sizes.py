@@ -112,3 +112,23 @@ def _describe(form, qtype: str | None) -> str:
 def _codes_bytes(form, n: int, k: int) -> int:
     """The largest contiguous part of a weight: its codes."""
     return -(-n * k * (form.bits or 8) // 8)
+
+
+# What a build holds besides the weights it is working on: the interpreter, numpy, onnx, the graph so far.
+BUILD_BASE_BYTES = 512 << 20
+
+
+def build_memory_bytes(spec: ModelSpec, precision: str) -> int:
+    """The memory ``edgekit build`` itself needs at its peak, beyond the source file's pages (which are mapped,
+    reclaimable, and let go of after every layer).
+
+    A quantized build holds float32 copies of at most one stacked linear (gate and up together) at a time,
+    with the temporaries of rounding it (x4); the embedding and LM head are decoded and quantized a few rows at a
+    time. A dense (fp16/fp32) build converts each table whole: the largest table in float32 and its copy.
+    """
+    h, i = spec.hidden_size, spec.intermediate_size
+    linear = max(2 * i * h, (spec.q_size + 2 * spec.kv_size) * h) * 4
+    if precision in ("int4", "int8"):
+        return BUILD_BASE_BYTES + 4 * linear
+    table = spec.vocab_size * h * 4
+    return BUILD_BASE_BYTES + max(2 * table, 2 * linear)
