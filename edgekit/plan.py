@@ -140,8 +140,10 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
     kv_per_token = spec.kv_bytes_per_token(act)
     chunk = min(target.prefill_chunk, context)
     work = _workspace(spec, act, chunk, context)
-    overhead = Line("runtime overhead", chosen.overhead_bytes, f"{chosen.name} on {target.name}: "
-                    f"{chosen.overhead_source}")
+    repack = (f" + {fmt_bytes(weights.repacked)} of MatMulNBits weights repacked for int8 compute (the packed "
+              "form is bigger than the file; measured)" if weights.repacked else "")
+    overhead = Line("runtime overhead", chosen.overhead_bytes + weights.repacked,
+                    f"{chosen.name} on {target.name}: {chosen.overhead_source}{repack}")
     kv = Line("KV cache", kv_per_token * context,
               f"2 (K, V) x {spec.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_dim} head_dim "
               f"x {act} = {kv_per_token:,} B/token x {context} tokens (static, allocated up front)")
@@ -155,10 +157,10 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
     fits = total <= budget_line.bytes
 
     def total_at(p: str, ctx: int) -> int:
-        w = weights_at(p, ctx).total
+        w = weights_at(p, ctx)
         a = compute_dtype(p, device)
         ws = sum(x.bytes for x in _workspace(spec, a, min(target.prefill_chunk, ctx), ctx))
-        return w + spec.kv_bytes_per_token(a) * ctx + ws + overhead.bytes
+        return w.total + spec.kv_bytes_per_token(a) * ctx + ws + chosen.overhead_bytes + w.repacked
 
     max_context = _max_context(lambda ctx: total_at(precision, ctx) <= budget_line.bytes,
                                spec.max_position_embeddings)

@@ -150,6 +150,7 @@ class WeightBytes:
     small: int
     sources: dict[str, str]
     largest_tensor: tuple[str, int]     # (component, bytes of its values): the largest single allocation
+    repacked: int = 0                   # what the backend's kernels hold beyond the stored bytes (onnxruntime CPU)
 
     @property
     def total(self) -> int:

@@ -30,6 +30,7 @@ class QuantSettings:
     head_bits: int = 8
     lossless: bool = True
     exact: bool = False
+    accuracy_level: int = 4          # MatMulNBits: 4 = int8 compute (what onnxruntime CPU repacks for)
 
 
 def tensor_types(spec: ModelSpec) -> dict[str, str]:
@@ -88,6 +89,10 @@ def build_weight_bytes(spec: ModelSpec, *, dialect: str, precision: str, graph_f
     # The LM head first: on a tie it is the one named (it is the allocation seen failing on Jetson).
     largest = max(([("lm_head", head_codes)] if head_codes else []) + [("embedding", embed_codes), largest],
                   key=lambda c: c[1])
+    if dialect == "ort" and precision in ("int4", "int8") and graph_float == "fp32":
+        repack = _cpu_repack_bytes(spec, codec, qtype, quant.accuracy_level)
+    else:
+        repack = 0
     forms = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
     sources = {
         "linears": f"{layers} layers x {len(spec.linear_shapes)} linears; tensors: {forms}",
@@ -95,7 +100,46 @@ def build_weight_bytes(spec: ModelSpec, *, dialect: str, precision: str, graph_f
         "lm_head": ("tied to the embedding (stored once)" if tied and not lm_head else f"{vocab} x {h}"),
         "small": f"norms, biases and rotary tables ({context} positions) in {graph_float}",
     }
-    return WeightBytes(linears, embedding, lm_head, small, sources, largest)
+    return WeightBytes(linears, embedding, lm_head, small, sources, largest, repack)
+
+
+# onnxruntime's CPU MatMulNBits repacks its weight when the session starts; with int8 compute (accuracy level 4)
+# the packed form holds, per block, the codes and three fp32 numbers (scale, block sum, and one more): measured
+# on onnxruntime 1.32 (x86-64 AVX-512; 18944 x 3584 weights, RssAnon after the first run): bits + 96 / block
+# bits per weight (+0.16), e.g. 7.16 for 4-bit blocks of 32 against 5 in the file. With fp32 compute (level 0)
+# 4-bit weights are repacked at their own size and 8-bit ones are read in place.
+REPACK_FP32_PER_BLOCK = 3
+
+
+def _cpu_repack_bytes(spec: ModelSpec, policy, qtype, level: int) -> int:
+    """Memory onnxruntime CPU holds beyond the file's bytes for the MatMulNBits weights (the file's pages are
+    released after repacking), plus the fp32 offsets of asymmetric blocks (folded once, kept for their MatMul)."""
+    from .forms import form_bytes
+
+    extra = 0
+
+    def add(form, n: int, k: int, level: int) -> None:
+        nonlocal extra
+        if form.kind not in ("carry", "nbits"):
+            return
+        bits, block = form.bits, form.block
+        nb = -(-k // block)
+        packed = n * nb * (block * bits // 8 + 4 * REPACK_FP32_PER_BLOCK) if level == 4 else form_bytes(form, n, k, 4)
+        extra += packed - form_bytes(form, n, k, 4)
+        if form.kind == "carry" and form.qtype in ("Q4_1", "Q4_K"):
+            extra += 4 * n * nb                                  # offsets (nb, N) fp32
+
+    for i in range(spec.num_layers):
+        for part, (n, k) in spec.linear_shapes.items():
+            add(policy.form_of("linear", qtype(f"layers.{{i}}.{part}.weight", i), k), n, k, level)
+    h, v = spec.hidden_size, spec.vocab_size
+    if not spec.tie_word_embeddings:
+        add(policy.form_of("lm_head", qtype("lm_head.weight"), h), v, h, 4)
+    elif policy.head_bits == 8:
+        add(policy.form_of("embedding", qtype("embed.weight"), h, tied=True), v, h, 4)
+    else:
+        add(policy.form_of("lm_head", qtype("embed.weight"), h), v, h, level)
+    return max(extra, 0)
 
 
 def _describe(form, qtype: str | None) -> str:
