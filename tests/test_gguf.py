@@ -414,3 +414,50 @@ def test_unknown_ggml_type_id(tmp_path):
     data[type_at:type_at + 4] = (4).to_bytes(4, "little")
     path.write_bytes(bytes(data))
     _one_line_error(UnsupportedQuantType, lambda: spec_from_gguf(path), "old.gguf", "type id 4", "Q4_K")
+
+
+# ----- what edgekit cannot reproduce is refused when the file is opened ------------------------------
+def test_unknown_tokenizer_is_refused_before_any_work(tmp_path):
+    """An unknown pre-tokenizer or tokenizer model stops spec, plan and build at once (a build used to find
+    out only after its export), naming what the file has; never a silently different split."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+
+    falcon = write_tiny_gguf(tmp_path / "falcon.gguf", pre="falcon").path
+    spm = write_tiny_gguf(tmp_path / "spm.gguf", tokenizer_model="llama").path
+    for path, words in ((falcon, ("pre-tokenizer 'falcon'", "deepseek-r1-qwen", "llama-bpe")),
+                        (spm, ("SentencePiece", "'llama'", "'gpt2'"))):
+        _one_line_error(ModelFormatError, lambda: spec_from_gguf(path), path.name, *words)
+        _one_line_error(ModelFormatError, lambda: GGUFReader(path), path.name, *words)
+        for command in (["plan", str(path), "--target", "cpu"],
+                        ["build", str(path), "--target", "cpu", "-o", str(tmp_path / "out")]):
+            result = CliRunner().invoke(cli, command)
+            assert result.exit_code == 2 and words[0] in result.output, result.output
+            assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% generation %}{{ messages[0]['content'] }}{% endgeneration %}", ("tag {% generation %}",)),
+    ("{{ messages | shuffle_all }}", ("filter 'shuffle_all'",)),
+    ("{% if messages is long %}x{% endif %}", ("test 'long'",)),
+    ("{{ format_tools(tools) }}{{ messages[0]['content'] }}", ("'format_tools'", "not defined", "user")),
+    ("{% for m in messages %}{{ m['content'] }}", ("does not compile",)),
+])
+def test_templates_the_runtime_cannot_render_are_refused(template, words, tmp_path):
+    path = write_tiny_gguf(tmp_path / "t.gguf", chat_template=template).path
+    message = _one_line_error(ModelFormatError, lambda: spec_from_gguf(path), "t.gguf", "chat template",
+                              "cannot render", *words)
+    assert "Hugging Face folder" in message
+
+
+def test_templates_the_runtime_renders_are_accepted(tmp_path):
+    """A template may refuse a conversation itself (here: no system turn, as Gemma's does), use the helpers
+    transformers provides, loop controls, and variables it leaves undefined (date_string)."""
+    template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{% for m in messages %}{% if loop.index > 50 %}{% break %}{% endif %}{{ m['content'] | tojson }}"
+        "{% endfor %}{{ strftime_now('%Y') }}{{ date_string | default('') }}{% if tools %}{{ tools }}{% endif %}")
+    path = write_tiny_gguf(tmp_path / "ok.gguf", chat_template=template).path
+    assert spec_from_gguf(path).num_layers == 2

@@ -59,4 +59,4 @@ def _feature(message: str, kind: str) -> str:
         return f"uses the {m.group(1)} '{m.group(2)}'"
     if m := re.search(r"'(\w+)' is undefined", inner):
         return f"uses '{m.group(1)}', which is not defined"
-    return f"{kind}: {' '.join(inner.split())[:200]}"
+    return f"{kind}: {' '.join(inner.split())[:200].rstrip('. ')}"
