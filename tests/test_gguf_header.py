@@ -238,3 +238,31 @@ def test_check_data_off_reads_a_cut_file(tmp_path):
     cut.write_bytes(full.read_bytes()[:header.data_offset + 10])
     _one_line_error(ModelFormatError, lambda: read_header(cut), "cut.gguf", "truncated", "needs bytes up to")
     assert read_header(cut, check_data=False).end == header.end == full.stat().st_size
+
+
+def test_type_tables_agree_with_the_gguf_package():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+    from edgekit.sources.gguf_header import FILE_TYPES, GGML_TYPES, SUPPORTED_QUANT_TYPES
+
+    for type_id, (name, block, size) in GGML_TYPES.items():
+        qtype = GGMLQuantizationType(type_id)
+        assert (qtype.name, *GGML_QUANT_SIZES[qtype]) == (name, block, size)
+    assert set(SUPPORTED_QUANT_TYPES) <= {name for name, _, _ in GGML_TYPES.values()}
+    for type_id, name in FILE_TYPES.items():
+        theirs = LlamaFileType(type_id).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+        assert {"f32": "fp32", "f16": "fp16"}.get(theirs, theirs) == name
+
+
+def test_plan_of_a_gguf_needs_neither_the_gguf_package_nor_the_vocabulary(smollm2_gguf):
+    """Reading hyper-parameters imports no gguf (a build-time dependency, ~0.1 s) and builds no token list."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from edgekit.cli import cli\n"
+            f"try: cli(['plan', {str(smollm2_gguf)!r}, '--target', 'cpu'])\n"
+            "except SystemExit as e: assert e.code == 0, e.code\n"
+            "assert not [m for m in sys.modules if m == 'gguf' or m.startswith('gguf.')], 'gguf imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "smollm2-135M" in result.stdout

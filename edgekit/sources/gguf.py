@@ -31,7 +31,7 @@ from ..spec import ModelSpec, spec_from_fields
 from . import gguf_tokenizer
 from .gguf_header import FIX as _FIX
 from .gguf_header import MAGIC as _MAGIC
-from .gguf_header import SUPPORTED_QUANT_TYPES, GGUFHeader, LazyArray, TensorInfo, read_header
+from .gguf_header import FILE_TYPES, SUPPORTED_QUANT_TYPES, GGUFHeader, LazyArray, TensorInfo, read_header
 
 __all__ = ["SUPPORTED_QUANT_TYPES", "GGUFHeader", "GGUFReader", "TensorInfo", "read_header", "spec_from_gguf",
            "unpermute_qk"]
@@ -262,16 +262,12 @@ def _optional(gg: GGUFHeader, key: str, path: Path, kind: type, default: Any = N
 
 def _source_dtype(gg: GGUFHeader) -> str:
     """The file's weight type in lower case: "fp32", "fp16", "bf16", or a llama.cpp file type ("q4_1", "q4_k_m")."""
-    import gguf
-
-    try:
-        name = gguf.LlamaFileType(int(_value(gg, "general.file_type"))).name
-        name = name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (TypeError, ValueError):
+    file_type = _value(gg, "general.file_type")
+    name = FILE_TYPES.get(file_type) if type(file_type) is int else None
+    if name is None:
         # No (or an unknown) file type: the type most 2-D tensors have.
         kinds = Counter(t.type_name for t in gg.tensors if len(t.dims) == 2)
-        name = kinds.most_common(1)[0][0] if kinds else "F32"
-    name = name.lower()
+        name = kinds.most_common(1)[0][0].lower() if kinds else "f32"
     return {"f32": "fp32", "f16": "fp16"}.get(name, name)
 
 
@@ -384,15 +380,17 @@ def _display_name(gg: GGUFHeader) -> str | None:
 
 def _read_small(path: Path, t: TensorInfo) -> np.ndarray:
     """A small tensor (rope_freqs) as float32, read without mapping the file."""
-    from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     try:
         with open(path, "rb") as f:
             f.seek(t.offset)
             data = np.frombuffer(f.read(t.n_bytes), dtype=np.uint8)
     except OSError as e:
         raise ModelFormatError(f"cannot read {path}: {e.strerror or e}") from None
+    if t.type_name in ("F32", "F16"):   # what converters write; no gguf import needed
+        return data.view("<f4" if t.type_name == "F32" else "<f2").astype(np.float32)
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
     return np.asarray(dequantize(data.reshape(*t.shape[:-1], -1), GGMLQuantizationType(t.type_id)), np.float32)
 
 

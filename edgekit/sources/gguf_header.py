@@ -33,6 +33,26 @@ SUPPORTED_QUANT_TYPES = (
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
 )
+# ggml tensor types (ggml.h's ggml_type; gguf.constants.GGML_QUANT_SIZES has the same figures, a test checks):
+# id -> (name, values per block, bytes per block). Kept here so reading a header needs no gguf import.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
+# general.file_type (llama.cpp's llama_ftype, gguf.constants.LlamaFileType) -> the name edgekit reports.
+FILE_TYPES = {
+    0: "fp32", 1: "fp16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k", 11: "q3_k_s",
+    12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k",
+    19: "iq2_xxs", 20: "iq2_xs", 21: "q2_k_s", 22: "iq3_xs", 23: "iq3_xxs", 24: "iq1_s", 25: "iq4_nl",
+    26: "iq3_s", 27: "iq3_m", 28: "iq2_s", 29: "iq2_m", 30: "iq4_xs", 31: "iq1_m", 32: "bf16", 36: "tq1_0",
+    37: "tq2_0", 38: "mxfp4_moe", 39: "nvfp4", 40: "q1_0",
+}
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -300,20 +320,16 @@ def _parse(buf: Any, path: Path, size: int, check_data: bool) -> GGUFHeader:
 
 def _tensor(path: Path, size: int | None, name: str, dims: tuple[int, ...], type_id: int, data_offset: int,
             offset: int, alignment: int) -> TensorInfo:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    try:
-        qtype = GGMLQuantizationType(type_id)
-        block_size, type_size = GGML_QUANT_SIZES[qtype]
-    except (ValueError, KeyError):
+    if type_id not in GGML_TYPES:
         raise UnsupportedQuantType(
-            f"tensor {name!r} of {path.name} has ggml type id {type_id}, which the gguf package does not know: "
+            f"tensor {name!r} of {path.name} has ggml type id {type_id}, which edgekit does not know: "
             f"edgekit reads {', '.join(SUPPORTED_QUANT_TYPES)}; requantize the model with llama.cpp (e.g. Q8_0 "
-            "or Q4_K_M)") from None
+            "or Q4_K_M)")
+    type_name, block_size, type_size = GGML_TYPES[type_id]
     if dims[0] % block_size:
         raise ModelFormatError(
             f"{path.name} is corrupt: tensor {name!r} has rows of {dims[0]} values, not a multiple of the "
-            f"{block_size}-value blocks of {qtype.name}; {FIX}")
+            f"{block_size}-value blocks of {type_name}; {FIX}")
     if offset % alignment:
         raise ModelFormatError(
             f"{path.name} is corrupt: tensor {name!r} starts at data offset {offset}, not a multiple of the "
@@ -321,7 +337,7 @@ def _tensor(path: Path, size: int | None, name: str, dims: tuple[int, ...], type
     n_elements = 1
     for d in dims:
         n_elements *= d
-    info = TensorInfo(name, type_id, qtype.name, dims, data_offset + offset, n_elements // block_size * type_size,
+    info = TensorInfo(name, type_id, type_name, dims, data_offset + offset, n_elements // block_size * type_size,
                       block_size, type_size)
     end = info.offset + info.n_bytes
     if size is not None and end > size:
