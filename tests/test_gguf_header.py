@@ -10,20 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from refs import write_tiny_gguf
+from test_gguf import _one_line_error
 
 from edgekit.errors import ModelFormatError, UnsupportedQuantType
 from edgekit.sources.gguf import GGUFReader, spec_from_gguf
 from edgekit.sources.gguf_header import GGUFHeader, LazyArray, read_header
-
-
-def _one_line_error(kind, call, *parts):
-    with pytest.raises(kind) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, (part, message)
-    return message
 
 
 def _same_as_gguf_package(path: Path) -> GGUFHeader:
