@@ -121,7 +121,8 @@ class GGUFHeader:
         return self.fields.get(key)
 
     def array(self, key: str) -> list[Any] | None:
-        """The elements of an array key as Python values (read from the file now), or None when absent."""
+        """The elements of an array key as Python values, read from the file now (nested arrays as nested
+        lists); a scalar key's value as it is; None when the key is absent."""
         lazy = self.fields.get(key)
         if not isinstance(lazy, LazyArray):
             return lazy
