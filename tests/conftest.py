@@ -55,6 +55,14 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def r1_gguf(tmp_path_factory) -> Path:
+    """The real R1-Distill-Qwen-7B Q4_K_M layout (header + first tensors; the rest a hole), alone in a folder."""
+    from r1_gguf import FILE_NAME, prepare_r1_layout
+
+    return prepare_r1_layout(tmp_path_factory.mktemp("r1-7b") / FILE_NAME)
+
+
+@pytest.fixture(scope="session")
 def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     """fp32 cpu bundle of the real SmolLM2-135M (from the packaged GGUF), context 1024."""
     return _build(smollm2_gguf, tmp_path_factory.mktemp("bundles") / "smollm2", context=1024, precision="fp32")

@@ -102,8 +102,8 @@ def byte_level_vocab(words: tuple[str, ...] = (" the", " hello", " world", "hell
 
 
 def _add_tokenizer(w: Any, vocab: Vocab, *, pre: str, add_bos: bool | None, bos: int, eos: int,
-                   chat_template: str | None) -> None:
-    w.add_tokenizer_model("gpt2")
+                   chat_template: str | None, model: str = "gpt2") -> None:
+    w.add_tokenizer_model(model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
@@ -166,7 +166,8 @@ def write_tiny_gguf(path: Path, *, arch: str = "qwen2", layers: int = 2, hidden:
                     weight_type: str = "Q8_0", types: dict[str, str] | None = None, rope_freqs: bool = False,
                     skip_keys: tuple[str, ...] = (), skip_tensors: tuple[str, ...] = (),
                     extra_meta: dict[str, str | int | float] | None = None, seed: int = 0,
-                    pre: str = "qwen2", add_bos: bool | None = False) -> TinyGGUF:
+                    pre: str = "qwen2", add_bos: bool | None = False, chat_template: str = CHAT_TEMPLATE,
+                    tokenizer_model: str = "gpt2") -> TinyGGUF:
     """A small random decoder written as llama.cpp would.
 
     Linear weights are ``weight_type`` except the embedding (F16) and norms/biases (F32); ``types`` overrides
@@ -224,7 +225,8 @@ def write_tiny_gguf(path: Path, *, arch: str = "qwen2", layers: int = 2, hidden:
             w.add_uint32(key, value)
     w.add_name(f"tiny-{arch}")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if weight_type == "Q8_0" else gguf.LlamaFileType.ALL_F32)
-    _add_tokenizer(w, vocab, pre=pre, add_bos=add_bos, bos=1, eos=2, chat_template=CHAT_TEMPLATE)
+    _add_tokenizer(w, vocab, pre=pre, add_bos=add_bos, bos=1, eos=2, chat_template=chat_template,
+                   model=tokenizer_model)
 
     weights: dict[str, np.ndarray] = {}
     written: dict[str, str] = {}

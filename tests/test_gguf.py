@@ -84,7 +84,9 @@ def test_spec_matches_transformers_config(smollm2_gguf, smol):
     # Everything but provenance agrees with what transformers derives (rope theta 100000, not 10000).
     assert dataclasses.replace(reference, name=spec.name, source_dtype=spec.source_dtype) == spec
     assert (spec.rope_theta, spec.num_kv_heads, spec.head_dim, spec.tie_word_embeddings) == (100000.0, 3, 64, True)
-    assert spec.source_dtype == "q4_1" and spec.name == "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    # The display name is general.basename + general.size_label, not the prettified general.name
+    # ("Smollm2 135M 8k Lc100K Mix1 Ep2").
+    assert spec.source_dtype == "q4_1" and spec.name == "smollm2-135M"
     assert spec.parameters == sum(p.numel() for p in hf_gguf_model(smollm2_gguf).parameters())
 
 
@@ -326,7 +328,7 @@ def test_unsupported_tokenizers_are_one_line_errors():
 # ----- errors --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_bytes(smollm2_gguf, smol):
-    return smollm2_gguf.read_bytes(), smol._gg.data_offset   # where the tensor data region starts
+    return smollm2_gguf.read_bytes(), smol.header.data_offset   # where the tensor data region starts
 
 
 @pytest.mark.parametrize("where", ["empty", "magic", "header", "tokens", "tensor table", "tensor data", "last byte"])
@@ -342,25 +344,18 @@ def test_truncated_smollm2_is_a_format_error(where, smollm2_bytes, tmp_path):
     _one_line_error(ModelFormatError, call, "cut.gguf", word, "re-download")
 
 
-def test_data_region_is_checked_against_the_file_size(tmp_path, monkeypatch):
-    """Even if the gguf package maps a short tensor without complaint, the reader notices."""
+def test_data_region_is_checked_against_the_file_size(tmp_path):
+    """A file cut inside its last tensor is refused when opened, naming that tensor, not when it is read."""
     import gguf
 
     tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
-    real = gguf.GGUFReader
-
-    last = real(tiny.path).tensors[-1]
-
-    class Lenient(real):   # stands in for a gguf version that does not check tensor data bounds
-        def __init__(self, path, mode="r"):
-            super().__init__(path, mode)
-            # the last tensor claims 64 bytes more than the file holds
-            self.tensors[-1] = self.tensors[-1]._replace(n_bytes=last.n_bytes + 64)
-
-    monkeypatch.setattr(gguf, "GGUFReader", Lenient)
-    size = tiny.path.stat().st_size
-    _one_line_error(ModelFormatError, lambda: GGUFReader(tiny.path), "tiny.gguf", "truncated", repr(last.name),
-                    f"needs bytes up to {last.data_offset + last.n_bytes + 64}", f"the file has {size}")
+    last = gguf.GGUFReader(tiny.path).tensors[-1]
+    end = int(last.data_offset + last.n_bytes)
+    with open(tiny.path, "r+b") as f:
+        f.truncate(end - 64)
+    for call in (lambda: GGUFReader(tiny.path), lambda: spec_from_gguf(tiny.path)):
+        _one_line_error(ModelFormatError, call, "tiny.gguf", "truncated", repr(last.name),
+                        f"needs bytes up to {end}", f"the file has {end - 64}")
 
 
 def test_not_a_gguf(tmp_path):
@@ -374,7 +369,8 @@ def test_not_a_gguf(tmp_path):
     data = bytearray(future.read_bytes())
     data[4:8] = (9).to_bytes(4, "little")                  # the version field after the magic
     future.write_bytes(bytes(data))
-    _one_line_error(ModelFormatError, lambda: spec_from_gguf(future), "v9.gguf", "GGUF version 9", "upgrade gguf")
+    _one_line_error(ModelFormatError, lambda: spec_from_gguf(future), "v9.gguf", "GGUF version 9",
+                    "versions 2 and 3", "re-convert")
 
 
 def test_missing_metadata_and_tensors(tmp_path):
@@ -418,3 +414,50 @@ def test_unknown_ggml_type_id(tmp_path):
     data[type_at:type_at + 4] = (4).to_bytes(4, "little")
     path.write_bytes(bytes(data))
     _one_line_error(UnsupportedQuantType, lambda: spec_from_gguf(path), "old.gguf", "type id 4", "Q4_K")
+
+
+# ----- what edgekit cannot reproduce is refused when the file is opened ------------------------------
+def test_unknown_tokenizer_is_refused_before_any_work(tmp_path):
+    """An unknown pre-tokenizer or tokenizer model stops spec, plan and build at once (a build used to find
+    out only after its export), naming what the file has; never a silently different split."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+
+    falcon = write_tiny_gguf(tmp_path / "falcon.gguf", pre="falcon").path
+    spm = write_tiny_gguf(tmp_path / "spm.gguf", tokenizer_model="llama").path
+    for path, words in ((falcon, ("pre-tokenizer 'falcon'", "deepseek-r1-qwen", "llama-bpe")),
+                        (spm, ("SentencePiece", "'llama'", "'gpt2'"))):
+        _one_line_error(ModelFormatError, lambda: spec_from_gguf(path), path.name, *words)
+        _one_line_error(ModelFormatError, lambda: GGUFReader(path), path.name, *words)
+        for command in (["plan", str(path), "--target", "cpu"],
+                        ["build", str(path), "--target", "cpu", "-o", str(tmp_path / "out")]):
+            result = CliRunner().invoke(cli, command)
+            assert result.exit_code == 2 and words[0] in result.output, result.output
+            assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% generation %}{{ messages[0]['content'] }}{% endgeneration %}", ("tag {% generation %}",)),
+    ("{{ messages | shuffle_all }}", ("filter 'shuffle_all'",)),
+    ("{% if messages is long %}x{% endif %}", ("test 'long'",)),
+    ("{{ format_tools(tools) }}{{ messages[0]['content'] }}", ("'format_tools'", "not defined", "user")),
+    ("{% for m in messages %}{{ m['content'] }}", ("does not compile",)),
+])
+def test_templates_the_runtime_cannot_render_are_refused(template, words, tmp_path):
+    path = write_tiny_gguf(tmp_path / "t.gguf", chat_template=template).path
+    message = _one_line_error(ModelFormatError, lambda: spec_from_gguf(path), "t.gguf", "chat template",
+                              "cannot render", *words)
+    assert "Hugging Face folder" in message
+
+
+def test_templates_the_runtime_renders_are_accepted(tmp_path):
+    """A template may refuse a conversation itself (here: no system turn, as Gemma's does), use the helpers
+    transformers provides, loop controls, and variables it leaves undefined (date_string)."""
+    template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{% for m in messages %}{% if loop.index > 50 %}{% break %}{% endif %}{{ m['content'] | tojson }}"
+        "{% endfor %}{{ strftime_now('%Y') }}{{ date_string | default('') }}{% if tools %}{{ tools }}{% endif %}")
+    path = write_tiny_gguf(tmp_path / "ok.gguf", chat_template=template).path
+    assert spec_from_gguf(path).num_layers == 2

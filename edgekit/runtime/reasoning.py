@@ -1,10 +1,12 @@
 """R1 reasoning: split generated text into ``reasoning`` and ``answer`` as it streams.
 
-R1-Distill chat templates end the prompt with ``<think>\\n``, so the model's output holds only the closing
-``</think>``: parsers that wait for an opening tag in the output see no reasoning at all, and ones that do
-not know the tag show the whole thought as the answer. The splitter starts in reasoning mode when the
-prompt left a ``<think>`` open, also accepts an opening tag at the very start of the output, and holds back
-a possible partial tag at the end of a delta so that a tag split over two tokens is still recognised.
+The current R1-Distill chat templates end the prompt with ``<think>\\n``, so the model's output holds only
+the closing ``</think>``; the template inside the published R1-Distill-Qwen-7B Q4_K_M GGUF ends with the
+assistant tag instead, and the model opens the thought itself. Parsers that wait for an opening tag in the
+output see no reasoning at all in the first case, and ones that do not know the tag show the whole thought
+as the answer. The splitter starts in reasoning mode when the prompt left a ``<think>`` open, also accepts
+an opening tag at the very start of the output, and holds back a possible partial tag at the end of a
+delta so that a tag split over two tokens is still recognised.
 """
 
 from __future__ import annotations

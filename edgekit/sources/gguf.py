@@ -1,11 +1,12 @@
 """Read a GGUF file (llama.cpp's format): the ModelSpec from its metadata, its weights as float32 in Hugging
 Face orientation, its tokenizer, chat template and special tokens.
 
-Build-time only (the gguf package memory-maps the file; nothing is read until asked for). Three things make
-a GGUF differ from the Hugging Face checkpoint it was converted from, and are undone here:
+Build-time only. The header is parsed by :mod:`.gguf_header` (arrays such as the vocabulary stay unread until a
+tokenizer is written); weights are read through a memory map of the file and dequantized with gguf.quants.
+Three things make a GGUF differ from the Hugging Face checkpoint it was converted from, and are undone here:
 
-* dimensions are stored innermost first; read through the gguf package the arrays come out as
-  (out_features, in_features), the Hugging Face orientation, so no transpose is needed;
+* dimensions are stored innermost first; reversed, they give (out_features, in_features), the Hugging Face
+  orientation, so the row-major bytes need no transpose;
 * llama.cpp's converter permutes the rows of q and k of Llama models (to its interleaved rotary layout);
   :meth:`GGUFReader.tensor` and :meth:`GGUFReader.raw` permute them back (``Architecture.gguf_permutes_qk``);
 * Llama-3 rotary scaling is not stored as ``rope_scaling`` settings but as a ``rope_freqs.weight`` tensor of
@@ -28,17 +29,14 @@ from ..architectures import GGUF_WEIGHT_NAMES, Architecture, layer_name, lookup_
 from ..errors import ModelFormatError, UnsupportedQuantType
 from ..spec import ModelSpec, spec_from_fields
 from . import gguf_tokenizer
+from .gguf_header import FIX as _FIX
+from .gguf_header import MAGIC as _MAGIC
+from .gguf_header import FILE_TYPES, SUPPORTED_QUANT_TYPES, GGUFHeader, LazyArray, TensorInfo, read_header
 
-# The ggml types edgekit dequantizes (all through gguf.quants). Others in the format (Q8_1, Q8_K, the
-# integer types) are intermediate or non-weight types a model file does not use for its weights.
-SUPPORTED_QUANT_TYPES = (
-    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
-)
+__all__ = ["SUPPORTED_QUANT_TYPES", "GGUFHeader", "GGUFReader", "TensorInfo", "read_header", "spec_from_gguf",
+           "unpermute_qk"]
 
-_MAGIC = b"GGUF"
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
-_FIX = "re-download the file, or re-convert it with llama.cpp's convert_hf_to_gguf.py"
 
 
 def spec_from_gguf(path: str | Path) -> ModelSpec:
@@ -60,10 +58,10 @@ class GGUFReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._gg = _open(self.path)
-        self.spec, self.arch = _inspect(self._gg, self.path)
-        self._tensors = {t.name: t for t in self._gg.tensors}
-        self._shapes = _expected_shapes(self.spec)
+        self.header = _open(self.path)
+        self.spec, self.arch = _inspect(self.header, self.path)
+        self._tensors: dict[str, TensorInfo] | None = {t.name: t for t in self.header.tensors}
+        self._map: np.memmap | None = None     # the whole file, mapped at the first weight read
         self._meta: dict[str, Any] | None = None
         self._tokenizer: str | None = None
         self._fingerprint: str | None = None
@@ -76,15 +74,17 @@ class GGUFReader:
         """float32, (out_features, in_features) for linear weights, a fresh writable array."""
         from gguf.quants import dequantize
 
+        from gguf.constants import GGMLQuantizationType
+
         template, name = self._name(canonical, layer)
         t = self._get(name)
         _check_type(t, self.path)
         try:
-            values = dequantize(t.data, t.tensor_type)
+            values = dequantize(self._rows(t), GGMLQuantizationType(t.type_id))
         except NotImplementedError:
             raise _unsupported(t, self.path) from None
         # An F32 tensor comes back as a view of the file: copy it so callers own what they get.
-        values = np.array(values, dtype=np.float32, copy=True).reshape(_hf_shape(t))
+        values = np.array(values, dtype=np.float32, copy=True).reshape(t.shape)
         return self._unpermute(template, values)
 
     def raw(self, canonical: str, layer: int | None = None) -> tuple[str, np.ndarray, tuple[int, ...]]:
@@ -95,18 +95,19 @@ class GGUFReader:
         type_size is the element size), rows already in Hugging Face order. Read-only; it may be a view of
         the memory-mapped file.
         """
-        from gguf.constants import GGML_QUANT_SIZES
-
         template, name = self._name(canonical, layer)
         t = self._get(name)
         _check_type(t, self.path)
-        shape = _hf_shape(t)
-        block_size, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        shape = t.shape
         # (..., in_features // block_size, type_size) uint8
-        blocks = np.asarray(t.data).view(np.uint8).reshape(*shape[:-1], shape[-1] // block_size, type_size)
+        blocks = self._rows(t).reshape(*shape[:-1], shape[-1] // t.block_size, t.type_size)
         blocks = self._unpermute(template, blocks)
         blocks.flags.writeable = False
-        return t.tensor_type.name, blocks, shape
+        return t.type_name, blocks, shape
+
+    def tensor_info(self, canonical: str, layer: int | None = None) -> TensorInfo:
+        """The stored type, shape, offset and byte count of a tensor (nothing is read)."""
+        return self._get(self._name(canonical, layer)[1])
 
     def tensor_names(self) -> list[str]:
         """The GGUF names of all tensors in the file, in file order."""
@@ -119,7 +120,7 @@ class GGUFReader:
         return self._tokenizer
 
     def chat_template(self) -> str | None:
-        template = self._tokenizer_meta().get("tokenizer.chat_template")
+        template = self.header.value("tokenizer.chat_template")
         return template if isinstance(template, str) and template else None
 
     def special_tokens(self) -> dict[str, Any]:
@@ -151,8 +152,8 @@ class GGUFReader:
 
     def close(self) -> None:
         """Drop the memory map (arrays already returned stay valid)."""
-        self._gg = None
-        self._tensors = {}
+        self._map = None
+        self._tensors = None
 
     def __enter__(self) -> "GGUFReader":
         return self
@@ -161,10 +162,18 @@ class GGUFReader:
         self.close()
 
     # ----- internals -----------------------------------------------------------------------------
-    def _live_tensors(self) -> dict[str, Any]:
-        if self._gg is None:
+    def _live_tensors(self) -> dict[str, TensorInfo]:
+        if self._tensors is None:
             raise ValueError(f"the GGUF reader of {self.path} is closed")
         return self._tensors
+
+    def _rows(self, t: TensorInfo) -> np.ndarray:
+        """The tensor's bytes as a read-only view of the file, (..., bytes per row) uint8."""
+        self._live_tensors()
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        row_bytes = t.dims[0] // t.block_size * t.type_size
+        return self._map[t.offset:t.offset + t.n_bytes].reshape(*t.shape[:-1], row_bytes)
 
     def _name(self, canonical: str, layer: int | None) -> tuple[str, str]:
         """(canonical template, GGUF name); accepts "layers.{i}.q.weight" + layer or "layers.3.q.weight"."""
@@ -173,7 +182,7 @@ class GGUFReader:
             canonical, layer = f"layers.{{i}}.{m.group(2)}", int(m.group(1))
         return canonical, layer_name(GGUF_WEIGHT_NAMES, canonical, layer)
 
-    def _get(self, name: str) -> Any:
+    def _get(self, name: str) -> TensorInfo:
         t = self._live_tensors().get(name)
         if t is None:
             raise ModelFormatError(f"{self.path.name} has no tensor {name!r}: the GGUF is incomplete; {_FIX}")
@@ -187,11 +196,10 @@ class GGUFReader:
         return unpermute_qk(values, heads)
 
     def _tokenizer_meta(self) -> dict[str, Any]:
+        """The tokenizer.* metadata with its arrays read (the vocabulary: parsed once, on first use)."""
         if self._meta is None:
-            gg = self._gg
-            if gg is None:
-                raise ValueError(f"the GGUF reader of {self.path} is closed")
-            self._meta = {k: _value(gg, k) for k in gg.fields if k.startswith("tokenizer.")}
+            self._live_tensors()
+            self._meta = {k: self.header.array(k) for k in self.header.fields if k.startswith("tokenizer.")}
         return self._meta
 
 
@@ -208,8 +216,8 @@ def unpermute_qk(values: np.ndarray, heads: int) -> np.ndarray:
 
 
 # ----- opening and validating ----------------------------------------------------------------------
-def _open(path: Path) -> Any:
-    """A gguf.GGUFReader over the file, or a one-line ModelFormatError saying what is wrong with it."""
+def _open(path: Path) -> GGUFHeader:
+    """The file's parsed header, or a one-line ModelFormatError saying what is wrong with it."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -224,70 +232,31 @@ def _open(path: Path) -> Any:
         raise ModelFormatError(
             f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF'): give a .gguf model file "
             "or a Hugging Face model folder")
-    import gguf
-
-    try:
-        gg = gguf.GGUFReader(path)
-    except ValueError as e:
-        message = str(e)
-        if "GGMLQuantizationType" in message:
-            # "np.uint32(4) is not a valid GGMLQuantizationType" (numpy 2) or "4 is not ..." (numpy 1)
-            found = (re.findall(r"\d+", message.split(" is not", 1)[0]) or ["?"])[-1]
-            raise UnsupportedQuantType(
-                f"{path.name} has a tensor of ggml type id {found}, which the gguf package cannot read: edgekit "
-                f"reads {', '.join(SUPPORTED_QUANT_TYPES)}; requantize the model with llama.cpp (e.g. Q8_0 or "
-                "Q4_K_M)") from None
-        if message.startswith("Sorry, file appears to be version"):
-            version = message.split("version", 1)[1].split()[0]
-            raise ModelFormatError(
-                f"{path.name} is GGUF version {version}, which the installed gguf package cannot read (it reads "
-                "versions 2 and 3): upgrade gguf (pip install -U gguf), or re-convert the model") from None
-        raise _corrupt(path, size, e) from None
-    except (IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError, MemoryError) as e:
-        raise _corrupt(path, size, e) from None
-    # The gguf package slices tensor data lazily out of the memory map; make sure all of it is in the file.
-    for t in gg.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ModelFormatError(
-                f"{path.name} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has {size}; "
-                f"{_FIX}")
-    return gg
+    # read_header checks that every tensor's data lies inside the file.
+    return read_header(path)
 
 
-def _corrupt(path: Path, size: int, e: Exception) -> ModelFormatError:
-    # The gguf package's own errors are numpy internals; say which part of the file failed instead.
-    if "cannot reshape array" in str(e):
-        return ModelFormatError(f"{path.name} is truncated: its tensor data ends early (the file has {size} "
-                                f"bytes); {_FIX}")
-    return ModelFormatError(f"{path.name} is truncated or corrupt: its metadata or tensor table cannot be parsed "
-                            f"(the file has {size} bytes); {_FIX}")
+def _value(header: GGUFHeader, key: str) -> Any:
+    return header.value(key)
 
 
-def _value(gg: Any, key: str) -> Any:
-    field = gg.fields.get(key)
-    return None if field is None else field.contents()
-
-
-def _hf_shape(t: Any) -> tuple[int, ...]:
-    # GGUF lists dimensions innermost first: (in_features, out_features) -> (out_features, in_features).
-    return tuple(int(d) for d in reversed(t.shape.tolist()))
-
-
-def _unsupported(t: Any, path: Path) -> UnsupportedQuantType:
+def _unsupported(t: TensorInfo, path: Path) -> UnsupportedQuantType:
     return UnsupportedQuantType(
-        f"tensor {t.name!r} of {path.name} is stored as {t.tensor_type.name}, which edgekit cannot dequantize: "
+        f"tensor {t.name!r} of {path.name} is stored as {t.type_name}, which edgekit cannot dequantize: "
         f"supported are {', '.join(SUPPORTED_QUANT_TYPES)}; requantize the model with llama.cpp (e.g. Q8_0 "
         "or Q4_K_M)")
 
 
-def _check_type(t: Any, path: Path) -> None:
-    if t.tensor_type.name not in SUPPORTED_QUANT_TYPES:
+def _check_type(t: TensorInfo, path: Path) -> None:
+    if t.type_name not in SUPPORTED_QUANT_TYPES:
         raise _unsupported(t, path)
 
 
-def _required(gg: Any, key: str, path: Path, kind: type) -> Any:
+def _required(gg: GGUFHeader, key: str, path: Path, kind: type) -> Any:
     value = _value(gg, key)
+    if isinstance(value, LazyArray):
+        raise ModelFormatError(f"{path.name}: metadata key {key!r} is an array of {len(value)} entries, not a "
+                               f"{kind.__name__}; {_FIX}")
     if value is None:
         raise ModelFormatError(f"{path.name} has no metadata key {key!r}: it is not a complete model file; {_FIX}")
     if kind is str and isinstance(value, str):
@@ -297,26 +266,22 @@ def _required(gg: Any, key: str, path: Path, kind: type) -> Any:
     raise ModelFormatError(f"{path.name}: metadata key {key!r} is {value!r}, not a {kind.__name__}; {_FIX}")
 
 
-def _optional(gg: Any, key: str, path: Path, kind: type, default: Any = None) -> Any:
+def _optional(gg: GGUFHeader, key: str, path: Path, kind: type, default: Any = None) -> Any:
     return default if _value(gg, key) is None else _required(gg, key, path, kind)
 
 
-def _source_dtype(gg: Any) -> str:
+def _source_dtype(gg: GGUFHeader) -> str:
     """The file's weight type in lower case: "fp32", "fp16", "bf16", or a llama.cpp file type ("q4_1", "q4_k_m")."""
-    import gguf
-
-    try:
-        name = gguf.LlamaFileType(int(_value(gg, "general.file_type"))).name
-        name = name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (TypeError, ValueError):
+    file_type = _value(gg, "general.file_type")
+    name = FILE_TYPES.get(file_type) if type(file_type) is int else None
+    if name is None:
         # No (or an unknown) file type: the type most 2-D tensors have.
-        kinds = Counter(t.tensor_type.name for t in gg.tensors if len(t.shape) == 2)
-        name = kinds.most_common(1)[0][0] if kinds else "F32"
-    name = name.lower()
+        kinds = Counter(t.type_name for t in gg.tensors if len(t.dims) == 2)
+        name = kinds.most_common(1)[0][0].lower() if kinds else "f32"
     return {"f32": "fp32", "f16": "fp16"}.get(name, name)
 
 
-def _inspect(gg: Any, path: Path) -> tuple[ModelSpec, Architecture]:
+def _inspect(gg: GGUFHeader, path: Path) -> tuple[ModelSpec, Architecture]:
     """The spec from metadata, after checking the tensors the exporter needs exist with the right shapes."""
     arch = lookup_gguf(_required(gg, "general.architecture", path, str))
     a = arch.gguf_name
@@ -336,8 +301,8 @@ def _inspect(gg: Any, path: Path) -> tuple[ModelSpec, Architecture]:
                 f"{path.name}: {key} is {other} but the head size is {head_dim}: edgekit builds models whose "
                 "rotary and value size equal the head size")
     names = {t.name for t in gg.tensors}
-    tokens = gg.fields.get("tokenizer.ggml.tokens")
-    vocab = _optional(gg, f"{a}.vocab_size", path, int, len(tokens.data) if tokens is not None else None)
+    tokens = gg.value("tokenizer.ggml.tokens")
+    vocab = _optional(gg, f"{a}.vocab_size", path, int, len(tokens) if isinstance(tokens, LazyArray) else None)
     if vocab is None:
         raise ModelFormatError(
             f"{path.name} has neither {a}.vocab_size nor tokenizer.ggml.tokens: its vocabulary size is "
@@ -347,9 +312,7 @@ def _inspect(gg: Any, path: Path) -> tuple[ModelSpec, Architecture]:
     if "rope_freqs.weight" in names:
         t = next(t for t in gg.tensors if t.name == "rope_freqs.weight")
         _check_type(t, path)
-        from gguf.quants import dequantize
-
-        extras.append(("rope_freqs", tuple(float(x) for x in dequantize(t.data, t.tensor_type).reshape(-1))))
+        extras.append(("rope_freqs", tuple(float(x) for x in _read_small(path, t).reshape(-1))))
     elif scaling not in ("none", ""):
         raise ModelFormatError(
             f"{path.name} uses {scaling!r} rotary scaling: edgekit supports default and llama3 rotary scaling")
@@ -377,11 +340,23 @@ def _inspect(gg: Any, path: Path) -> tuple[ModelSpec, Architecture]:
         bos_token_id=_optional(gg, "tokenizer.ggml.bos_token_id", path, int),
         eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
         source_dtype=_source_dtype(gg),
-        name=_value(gg, "general.name") or path.stem,
+        name=_display_name(gg) or path.stem,
         extras=tuple(extras),
     )
     _check_tensors(gg, spec, path)
+    _check_tokenizer_and_template(gg, path)
     return spec, arch
+
+
+def _check_tokenizer_and_template(gg: GGUFHeader, path: Path) -> None:
+    """What the bundle will need from the file's tokenizer and template, checked before any build work."""
+    scalars = {k: v for k, v in gg.fields.items() if k.startswith("tokenizer.") and not isinstance(v, LazyArray)}
+    gguf_tokenizer.check_supported(scalars, path.name)
+    template = gg.value("tokenizer.chat_template")
+    if isinstance(template, str) and template:
+        from .gguf_template import check_template
+
+        check_template(template, path.name)
 
 
 def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -405,7 +380,33 @@ def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_tensors(gg: Any, spec: ModelSpec, path: Path) -> None:
+def _display_name(gg: GGUFHeader) -> str | None:
+    """"DeepSeek-R1-Distill-Qwen-7B" from general.basename + general.size_label (as llama.cpp names files);
+    general.name is a prettified title ("Smollm2 135M 8k Lc100K Mix1 Ep2") used only without them."""
+    parts = [gg.value(k) for k in ("general.basename", "general.size_label")]
+    if all(isinstance(p, str) and p.strip() for p in parts):
+        return "-".join(p.strip() for p in parts)
+    name = gg.value("general.name")
+    return name if isinstance(name, str) and name.strip() else None
+
+
+def _read_small(path: Path, t: TensorInfo) -> np.ndarray:
+    """A small tensor (rope_freqs) as float32, read without mapping the file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(t.offset)
+            data = np.frombuffer(f.read(t.n_bytes), dtype=np.uint8)
+    except OSError as e:
+        raise ModelFormatError(f"cannot read {path}: {e.strerror or e}") from None
+    if t.type_name in ("F32", "F16"):   # what converters write; no gguf import needed
+        return data.view("<f4" if t.type_name == "F32" else "<f2").astype(np.float32)
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return np.asarray(dequantize(data.reshape(*t.shape[:-1], -1), GGMLQuantizationType(t.type_id)), np.float32)
+
+
+def _check_tensors(gg: GGUFHeader, spec: ModelSpec, path: Path) -> None:
     tensors = {t.name: t for t in gg.tensors}
     for canonical, shape in _expected_shapes(spec).items():
         for layer in range(spec.num_layers) if "{i}" in canonical else (None,):
@@ -413,8 +414,8 @@ def _check_tensors(gg: Any, spec: ModelSpec, path: Path) -> None:
             t = tensors.get(name)
             if t is None:
                 raise ModelFormatError(f"{path.name} has no tensor {name!r}: the GGUF is incomplete; {_FIX}")
-            if _hf_shape(t) != shape:
+            if t.shape != shape:
                 raise ModelFormatError(
-                    f"{path.name}: tensor {name!r} has shape {_hf_shape(t)} but the metadata implies {shape}; "
+                    f"{path.name}: tensor {name!r} has shape {t.shape} but the metadata implies {shape}; "
                     f"{_FIX}")
             _check_type(t, path)

@@ -108,6 +108,14 @@ def _check_model(meta: Mapping[str, Any], file: str) -> None:
         "Face folder instead")
 
 
+def check_supported(meta: Mapping[str, Any], file: str = "the GGUF") -> None:
+    """Refuse, from scalar metadata only, a tokenizer :func:`tokenizer_json` could not convert exactly: another
+    tokenizer model or a pre-tokenizer whose splitting rules edgekit does not know. Checked when the model
+    is opened, so a build stops before its export, never with a silently different tokenization."""
+    _check_model(meta, file)
+    _pre_tokenizer(meta, file)
+
+
 def _merge_pairs(merges: list[str], file: str) -> list[list[str]]:
     pairs = []
     for merge in merges:
