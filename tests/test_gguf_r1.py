@@ -131,10 +131,10 @@ def test_tensor_type_mix(r1_gguf, r1):
 
 
 # ----- plan --------------------------------------------------------------------------------------
-# Weight bytes are the one figure the storage model (issue 11, items 2-3) changes: planned int4 weights stay
-# within this share of the GGUF's own tensor bytes (4,677,120,000 B). Before that work: orin-nano 1.02, cpu
-# 1.11 (fp32 scales); the issue's target for bundles is at most 1.05.
-WEIGHTS_VS_GGUF = (0.85, 1.15)
+# Planned int4 weights against the GGUF's own tensor bytes (4,677,120,000 B): before the storage model, cpu was
+# 1.11 (fp32 scales; the built bundle 1.41); now the plan is what the build writes (benchmarks/r1_7b.py built
+# both: cpu 0.990, orin-nano 1.018), and bundles must stay within 1.05.
+WEIGHTS_VS_GGUF = (0.95, 1.05)
 
 
 @pytest.mark.parametrize("target", ["orin-nano", "cpu"])
@@ -142,12 +142,16 @@ def test_plan_figures(target, r1_gguf):
     spec = spec_from_gguf(r1_gguf)
     reference = plan(ModelSpec.from_config_file(HF_CONFIG), load_target(target), precision="int4", context=4096)
     p = plan(spec, load_target(target), precision="int4", context=4096)
-    assert [w.name for w in p.weights] == ["linear weights", "embedding", "LM head", "norms and biases"]
+    assert [w.name for w in p.weights] == ["linear weights", "embedding", "LM head", "norms, biases, rotary"]
     assert p.parameters == 7_615_616_512 and p.model == "DeepSeek-R1-Distill-Qwen-7B"
     # KV cache and workspaces follow from the spec alone: as for the model's own config.
     per_token = 2 * 28 * 4 * 128 * {"fp16": 2, "fp32": 4}[p.kv_dtype]   # (K, V) x layers x kv heads x head_dim
     assert p.kv_bytes_per_token == per_token and p.kv_bytes == per_token * 4096
-    assert p.workspace == reference.workspace and p.overhead == reference.overhead
+    assert p.workspace == reference.workspace
+    if target == "cpu":   # onnxruntime CPU repacks MatMulNBits weights: more for the file's carried Q4_K blocks
+        assert p.overhead.bytes > reference.overhead.bytes and "repacked" in p.overhead.source
+    else:
+        assert p.overhead == reference.overhead
     assert p.budget == reference.budget
     gguf_bytes = sum(t.n_bytes for t in read_header(r1_gguf).tensors)
     low, high = WEIGHTS_VS_GGUF

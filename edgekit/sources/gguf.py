@@ -146,7 +146,7 @@ class GGUFReader:
         not all of it (a 43 GB Llama-70B file would otherwise count in full)."""
         import mmap
 
-        handle = getattr(getattr(self._gg, "data", None), "_mmap", None)
+        handle = getattr(self._map, "_mmap", None)
         if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
             handle.madvise(mmap.MADV_DONTNEED)
 
@@ -317,7 +317,7 @@ def _inspect(gg: GGUFHeader, path: Path) -> tuple[ModelSpec, Architecture]:
         raise ModelFormatError(
             f"{path.name} uses {scaling!r} rotary scaling: edgekit supports default and llama3 rotary scaling")
     # The real tensor-type mix (Q4_K_M files mix Q4_K, Q6_K and F32): the planner sizes each tensor by it.
-    extras.append(("tensor_types", tuple((t.name, t.tensor_type.name) for t in gg.tensors)))
+    extras.append(("tensor_types", tuple((t.name, t.type_name) for t in gg.tensors)))
     eos_ids = [_optional(gg, f"tokenizer.ggml.{k}_token_id", path, int) for k in ("eos", "eot", "eom")]
     spec = spec_from_fields(
         architecture=arch.name,
