@@ -213,7 +213,7 @@ def test_cli_fits_exit_0():
 def test_cli_does_not_fit_exit_3():
     r = run(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B", "-t", "orin-nano", "-p", "fp32")
     assert r.exit_code == 3
-    assert "does not fit" in r.stdout and "fp16 would fit at context 4096" in r.stdout
+    assert "does not fit" in r.stdout and "fits at context 4096 as tensorrt fp16, int8, int4;" in r.stdout
     assert "largest context that fits at fp32" in r.stdout or "no context fits at fp32" in r.stdout
 
 
