@@ -167,6 +167,7 @@ def test_doctor_names_the_onnxruntime_clash_and_the_fix(tmp_path):
            "the one onnxruntime module: uninstall both (pip uninstall -y onnxruntime onnxruntime-gpu), then install "
            "one (pip install onnxruntime-gpu for the GPU, or onnxruntime for the CPU only)")
     assert rows["onnxruntime clash"] == fix
+    assert rows["onnxruntime"].startswith(f"{cpu}, providers of this build")     # the module that imports, not 1.31
     assert rows["backend onnxruntime-cuda"] == f"no: the onnxruntime module has no CUDA provider because {fix}"
     plain = subprocess.run([sys.executable, "-m", "edgekit.cli", "doctor", "--json"], capture_output=True,
                            text=True, timeout=120)
