@@ -6,15 +6,19 @@
 For each model it prepares every peer's form of the same weights (cached in --work), then runs each peer in
 its own subprocess (so its peak RSS is its own) and measures, with the same 41 prompt token ids and thread
 count: time to first token, decode tok/s over 128 greedy tokens (EOS ignored), peak RSS. On SmolLM2 it also
-measures fidelity against the fp32 reference (the GGUF dequantized, run by edgekit's exporter in fp32) on
-the same teacher-forced text: top-1 agreement and KL(reference || peer), as ``edgekit eval`` does.
+measures fidelity against the fp32 reference on the same teacher-forced text: top-1 agreement and
+KL(reference || peer), as ``edgekit eval`` does. The reference is transformers' model of the GGUF
+(dequantized to fp32, run by PyTorch), not anything edgekit exported: a reference built by the program
+under test would share its mistakes.
 
 Rows: edgekit at --precision; llama.cpp Q4_0 (its own quantization of the same weights: the dequantized
 Q4_1 GGUF requantized, or an F16 GGUF of the random model); llama.cpp Q4_1 (SmolLM2's GGUF as is);
 onnxruntime-genai int4 (its model builder's RTN, block 32, defaults otherwise). Each peer runs through its
 own API: edgekit's generation loop, llama.cpp's eval + argmax of ``llama_get_logits_ith``, onnxruntime-genai's
 Generator (created before the clock starts). The targets (issue 4) compare edgekit with the faster of
-llama.cpp Q4_0 and onnxruntime-genai int4. The peers are benchmark-only installs (see benchmarks/README.md).
+llama.cpp Q4_0, llama.cpp Q4_1 (the same format as edgekit's SmolLM2 bundle) and onnxruntime-genai int4, and
+only rows of edgekit's precision: against another precision a target is reported as not compared, never as
+met or not met. The peers are benchmark-only installs (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from peers_report import chart, table, targets  # noqa: E402  (the printed table and the targets)
+
 PROMPT_TOKENS, NEW_TOKENS, CONTEXT = 41, 128, 1024
 MODELS = {"smollm2": "SmolLM2-135M-Instruct", "r1-1.5b": "R1-Distill-Qwen-1.5B-shaped (random weights)"}
 PEERS = {"llama.cpp": ("llama_cpp", "pip install llama-cpp-python  (builds from source, ~7 min on 2 cores)"),
          "onnxruntime-genai": ("onnxruntime_genai", "pip install 'onnxruntime-genai==0.18.*' onnx-ir")}
-TARGET_ROWS = ("llama.cpp Q4_0", "onnxruntime-genai int4")
 GENAI_BUILDER_GIB = {"smollm2": 2, "r1-1.5b": 15}   # its builder's peak RSS on the 1.5B shape: 12.8-16.7 GiB measured
 PROMPT_TEXT = "Explain in a few sentences why the sky is blue."
 
@@ -184,18 +190,55 @@ def worker_fidelity(s: dict) -> dict:
     return stats.summary()
 
 
+class TransformersReference:
+    """transformers' fp32 model of the GGUF, with what ``edgekit.evaluate.reference_text`` needs: ``codec``,
+    ``context``, ``generate`` (greedy, keeps a final EOS) and ``logits`` (teacher-forced, (S, V))."""
+
+    def __init__(self, gguf: str, context: int, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from edgekit.calibration import codec_from_reader
+        from edgekit.sources import open_weights, resolve
+
+        torch.set_num_threads(threads)
+        self.torch, path = torch, Path(gguf)
+        self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                          dtype=torch.float32).eval()
+        source = resolve(gguf)
+        reader = open_weights(source)
+        try:      # the bundle's tokenizer (the peers are fed the same ids)
+            self.codec = codec_from_reader(reader)
+            eos = reader.special_tokens().get("eos_token_ids") or []
+        finally:
+            reader.close()
+        self.eos_ids = {int(e) for e in eos} | set(source.spec.eos_token_ids)
+        self.context = min(int(context), source.spec.max_position_embeddings)
+
+    def logits(self, tokens: list[int]):
+        with self.torch.no_grad():
+            return self.model(self.torch.tensor([tokens])).logits[0].float().numpy()     # (S, V)
+
+    def generate(self, prompt: list[int], new_tokens: int) -> list[int]:
+        new_tokens = min(new_tokens, self.context - len(prompt))
+        with self.torch.no_grad():
+            out = self.model.generate(self.torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                                      eos_token_id=sorted(self.eos_ids), pad_token_id=sorted(self.eos_ids)[0])
+        return [int(t) for t in out[0, len(prompt):]]
+
+
 def worker_reference(s: dict) -> dict:
     import numpy as np
 
-    from edgekit.evaluate import Reference, reference_text
+    from edgekit.evaluate import reference_text
 
     out = Path(s["out"])
-    ref = Reference(s["model"], context=s["context"], work_dir=out / "export", threads=s["threads"])
+    ref = TransformersReference(s["model"], s["context"], s["threads"])
     sequences, starts = reference_text(ref, s["max_tokens"], ref.context)
     for k, (ids, start) in enumerate(zip(sequences, starts)):
         np.save(out / f"reference-{k}.npy", ref.logits(ids)[start:-1])
     (out / "tokens.json").write_text(json.dumps({"sequences": sequences, "starts": starts,
-                                                 "max_tokens": s["max_tokens"]}))
+                                                 "max_tokens": s["max_tokens"], "reference": "transformers fp32"}))
     return {"sequences": len(sequences), "tokens": sum(len(x) - 1 - st for x, st in zip(sequences, starts))}
 
 
@@ -343,7 +386,8 @@ def prepare(model: str, args, work: Path) -> tuple[list[dict], dict, dict[str, s
     built = _ensure(d / f"edgekit-{args.precision}.done", f"edgekit build {model} --precision {args.precision}",
                     lambda: worker("build", {"model": source, "out": str(bundle), "precision": args.precision,
                                              "context": CONTEXT}, d / "logs" / f"build-{args.precision}.log"))
-    rows = [{"label": f"edgekit {args.precision}", "peer": "edgekit", "path": str(bundle)}]
+    rows = [{"label": f"edgekit {args.precision}", "peer": "edgekit", "path": str(bundle),
+             "precision": args.precision}]
 
     for peer, prepare_peer in (("llama.cpp", _prepare_llama), ("onnxruntime-genai", _prepare_genai)):
         why = available(peer, args.skip_peer)
@@ -367,9 +411,10 @@ def _prepare_llama(model: str, source: str, args, d: Path) -> list[dict]:
     _ensure(d / "q4_0.gguf.done", "llama.cpp quantize -> Q4_0", lambda: worker(
         "quantize", {"src": src, "dst": str(q40), "type": "Q4_0", "threads": args.threads},
         d / "logs" / "quantize.log"))
-    rows = [{"label": "llama.cpp Q4_0", "peer": "llama.cpp", "path": str(q40)}]
-    if model == "smollm2":
-        rows.append({"label": "llama.cpp Q4_1 (GGUF as is)", "peer": "llama.cpp", "path": source})
+    rows = [{"label": "llama.cpp Q4_0", "peer": "llama.cpp", "path": str(q40), "precision": "int4"}]
+    if model == "smollm2":     # the format edgekit's int4 bundle carries over: the like-for-like kernel comparison
+        rows.append({"label": "llama.cpp Q4_1 (GGUF as is)", "peer": "llama.cpp", "path": source,
+                     "precision": "int4"})
     return rows
 
 
@@ -393,7 +438,7 @@ def _prepare_genai(model: str, source: str, args, d: Path) -> list[dict]:
                 {"error": f"builder exit status {code}", "log": str(logfile)})
 
     _ensure(d / "genai-int4.done", "onnxruntime-genai model builder -> int4", genai_build)
-    return [{"label": "onnxruntime-genai int4", "peer": "onnxruntime-genai", "path": str(out)}]
+    return [{"label": "onnxruntime-genai int4", "peer": "onnxruntime-genai", "path": str(out), "precision": "int4"}]
 
 
 def prompt_ids(bundle: Path) -> list[int]:
@@ -433,11 +478,14 @@ def bench_model(model: str, args, work: Path) -> dict:
         fidelity_note = "fidelity not measured (--no-fidelity)"
     else:
         max_tokens = 128 if args.quick else 512
-        text = work / model / f"reference-text-{max_tokens}"
+        text = work / model / f"reference-hf-text-{max_tokens}"     # (not the old edgekit-exported reference)
         text.mkdir(parents=True, exist_ok=True)
-        _ensure(text / "done", f"fp32 reference writes and scores {max_tokens} tokens", lambda: worker(
-            "reference", {"model": "smollm2", "out": str(text), "context": CONTEXT, "max_tokens": max_tokens,
-                          "threads": args.threads}, work / model / "logs" / "reference.log"))
+        from edgekit.sources import packaged_model_path
+
+        _ensure(text / "done", f"transformers' fp32 reference writes and scores {max_tokens} tokens",
+                lambda: worker("reference", {"model": str(packaged_model_path("smollm2")), "out": str(text),
+                                             "context": CONTEXT, "max_tokens": max_tokens, "threads": args.threads},
+                               work / model / "logs" / "reference.log"))
         for row in rows:
             log(f"{model}: fidelity of {row['label']}")
             row["fidelity"] = worker("fidelity", {"peer": row["peer"], "path": row["path"], "threads": args.threads,
@@ -449,106 +497,6 @@ def bench_model(model: str, args, work: Path) -> dict:
             "runs": runs, "context": CONTEXT, "rows": rows, "skipped": skipped, "fidelity_note": fidelity_note,
             "edgekit_build": built, "builds": builds, "rss_budget_mib": rss_budget,
             "targets": targets(rows, rss_budget)}
-
-
-def targets(rows: list[dict], rss_budget: float) -> list[dict]:
-    ok = [r for r in rows if "error" not in r.get("speed", {"error": 1})]
-    ek = next((r for r in ok if r["peer"] == "edgekit"), None)
-    peers = [r for r in ok if r["label"] in TARGET_ROWS]
-    out = []
-    if ek is None:
-        return [{"target": "edgekit ran", "met": False, "detail": rows[0].get("speed", {}).get("error", "")}]
-    e = ek["speed"]
-    if peers:
-        fast = max(peers, key=lambda r: r["speed"]["decode_tok_s"])
-        ratio = e["decode_tok_s"] / fast["speed"]["decode_tok_s"]
-        out.append({"target": f"decode >= 1.0x the faster peer ({fast['label']})", "met": ratio >= 1.0,
-                    "detail": f"{e['decode_tok_s']:.1f} vs {fast['speed']['decode_tok_s']:.1f} tok/s = {ratio:.2f}x"})
-        quick = min(peers, key=lambda r: r["speed"]["ttft_ms"])
-        out.append({"target": f"TTFT <= the faster peer's ({quick['label']})",
-                    "met": e["ttft_ms"] <= quick["speed"]["ttft_ms"],
-                    "detail": f"{e['ttft_ms']:.1f} vs {quick['speed']['ttft_ms']:.1f} ms"})
-    out.append({"target": "peak RSS <= bundle weights + KV + 100 MiB", "met": e["peak_rss_mib"] <= rss_budget,
-                "detail": f"{e['peak_rss_mib']:.0f} vs {rss_budget:.0f} MiB"})
-    fid = [r for r in peers if "top1_agreement" in r.get("fidelity", {})]
-    if "top1_agreement" in ek.get("fidelity", {}) and fid:
-        f = ek["fidelity"]
-        best_top1 = max(r["fidelity"]["top1_agreement"] for r in fid)
-        best_kl = min(r["fidelity"]["mean_kl"] for r in fid)
-        out.append({"target": "fidelity: higher top-1 and lower KL than each peer",
-                    "met": f["top1_agreement"] > best_top1 and f["mean_kl"] < best_kl,
-                    "detail": f"top-1 {f['top1_agreement'] * 100:.2f}% vs best peer {best_top1 * 100:.2f}%; "
-                              f"KL {f['mean_kl']:.5f} vs {best_kl:.5f}"})
-    return out
-
-
-def _fmt(v, spec: str, missing: str = "-") -> str:
-    return missing if v is None else format(v, spec)
-
-
-def table(res: dict, threads: int) -> str:
-    lines = [f"{res['model']}: threads {threads}, prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new "
-             f"tokens (greedy, EOS ignored), context {res['context']}, median of {res['runs']} run(s)",
-             f"{'':28} {'TTFT ms':>8} {'decode tok/s':>12} {'peak RSS MiB':>12} {'top-1 %':>8} {'KL':>9}"
-             f"   edgekit/peer: {'TTFT':>6} {'decode':>6} {'RSS':>6}   {'others':>6}"]
-    busy = []
-    ek = next((r["speed"] for r in res["rows"] if r["peer"] == "edgekit" and "error" not in r["speed"]), None)
-    for r in res["rows"]:
-        s, f = r.get("speed", {}), r.get("fidelity", {})
-        if "error" in s:
-            lines.append(f"{r['label']:28} failed: {s['error']}  (log: {s.get('log')})")
-            continue
-        ratios = ""
-        if ek and r["peer"] != "edgekit":
-            ratios = (f"{'':15}{ek['ttft_ms'] / s['ttft_ms']:>6.2f}x {ek['decode_tok_s'] / s['decode_tok_s']:>5.2f}x "
-                      f"{ek['peak_rss_mib'] / s['peak_rss_mib']:>5.2f}x")
-        ratios = f"{ratios:<37}   {s['other_cores']:>6.2f}"
-        if s["other_cores"] > 0.25:
-            busy.append(r["label"])
-        top1 = f.get("top1_agreement")
-        lines.append(f"{r['label']:28} {s['ttft_ms']:>8.1f} {s['decode_tok_s']:>12.1f} {s['peak_rss_mib']:>12.0f} "
-                     f"{_fmt(top1 and top1 * 100, '8.2f', f.get('error') and 'error' or '-'):>8} "
-                     f"{_fmt(f.get('mean_kl'), '9.5f'):>9}   {ratios}")
-    for peer, why in res["skipped"].items():
-        lines.append(f"{peer:28} {why}")
-    lines.append("others: CPU cores the rest of the machine kept busy during that peer's speed run (should be ~0)")
-    if busy:
-        lines.append(f"WARNING: other work ran during {', '.join(busy)}: those numbers are not comparable; run again "
-                     "on an idle machine")
-    if res["fidelity_note"]:
-        lines.append(res["fidelity_note"])
-    for what, b in res["builds"].items():
-        if "child_peak_rss_mib" in b and b.get("seconds", 0) > 5:
-            lines.append(f"  preparation: {what}: {b['seconds']:.0f} s, peak RSS {b['child_peak_rss_mib']:.0f} MiB")
-    for t in res["targets"]:
-        lines.append(f"  target {t['target']}: {'MET' if t['met'] else 'NOT MET'} ({t['detail']})")
-    return "\n".join(lines)
-
-
-def chart(results: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    metrics = (("decode_tok_s", "decode tok/s (higher is better)"), ("ttft_ms", "TTFT ms (lower is better)"),
-               ("peak_rss_mib", "peak RSS MiB (lower is better)"))
-    fig, axes = plt.subplots(len(results), 3, figsize=(15, 3.2 * len(results)), squeeze=False)
-    for i, res in enumerate(results):
-        rows = [r for r in res["rows"] if "error" not in r.get("speed", {"error": 1})]
-        for j, (key, title) in enumerate(metrics):
-            ax = axes[i][j]
-            values = [r["speed"][key] for r in rows]
-            ax.barh([r["label"] for r in rows], values,
-                    color=["#2a7" if r["peer"] == "edgekit" else "#888" for r in rows])
-            ax.invert_yaxis()
-            ax.set_title(f"{res['key']}: {title}", fontsize=9)
-            for k, v in enumerate(values):
-                ax.text(v, k, f" {v:.0f}", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
 
 
 def main() -> None:

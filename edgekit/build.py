@@ -113,6 +113,7 @@ def preflight(model: str | Path | ModelSource, target: Target, *, precision: str
     if not the_plan.fits and not force:
         hint = (f"use --context {the_plan.max_context}" if the_plan.max_context >= 256 else
                 f"use --precision {the_plan.fitting_precision}" if the_plan.fitting_precision else
+                "use --backend {} --precision {}".format(*the_plan.fits_with[0]) if the_plan.fits_with else
                 "use a bigger target")
         raise DoesNotFit(
             f"{spec.name or 'the model'} at {precision} with context {context} needs "

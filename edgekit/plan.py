@@ -63,6 +63,8 @@ class Plan:
     fitting_precision: str | None     # when it does not fit: the most faithful precision that would
     decode_tokens_per_s: float        # memory-bandwidth upper bound at the full context
     warnings: tuple[str, ...] = ()
+    # when it does not fit: every other (backend, precision) of the target that fits at this context
+    fits_with: tuple[tuple[str, str], ...] = ()
 
     @property
     def weights_bytes(self) -> int:
@@ -97,6 +99,7 @@ class Plan:
             "workspace_bytes": self.workspace_bytes, "overhead_bytes": self.overhead_bytes,
             "total_bytes": self.total_bytes, "budget_bytes": self.budget_bytes,
             "fits": self.fits, "max_context": self.max_context, "fitting_precision": self.fitting_precision,
+            "fits_with": [{"backend": b, "precision": p} for b, p in self.fits_with],
             "kv_dtype": self.kv_dtype, "kv_bytes_per_token": self.kv_bytes_per_token,
             "largest_allocation": self.largest_allocation.name,
             "largest_allocation_bytes": self.largest_allocation.bytes,
@@ -156,20 +159,28 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
     total = weights.total + kv.bytes + sum(w.bytes for w in work) + overhead.bytes
     fits = total <= budget_line.bytes
 
-    def total_at(p: str, ctx: int) -> int:
-        w = weights_at(p, ctx)
-        a = compute_dtype(p, device)
+    def total_for(b, p: str, ctx: int) -> int:
+        w = weight_bytes(spec, p, b.device, dialect=DIALECT_OF_BACKEND.get(b.name), context=ctx, quant=quant)
+        a = compute_dtype(p, b.device)
         ws = sum(x.bytes for x in _workspace(spec, a, min(target.prefill_chunk, ctx), ctx))
-        return w.total + spec.kv_bytes_per_token(a) * ctx + ws + chosen.overhead_bytes + w.repacked
+        return w.total + spec.kv_bytes_per_token(a) * ctx + ws + b.overhead_bytes + w.repacked
+
+    def total_at(p: str, ctx: int) -> int:
+        return total_for(chosen, p, ctx)
 
     max_context = _max_context(lambda ctx: total_at(precision, ctx) <= budget_line.bytes,
                                spec.max_position_embeddings)
     fitting = None
+    fits_with: list[tuple[str, str]] = []
     if not fits:
         for p in PRECISIONS:    # most faithful first
             if p != precision and p in chosen.precisions and total_at(p, context) <= budget_line.bytes:
                 fitting = p
                 break
+        # the other backends too: a 4 GB Jetson that cannot hold TensorRT's runtime may run onnxruntime-cpu
+        fits_with = [(b.name, p) for b in sorted(target.backends, key=lambda b: b.name != chosen.name)
+                     for p in PRECISIONS if p in b.precisions and (b.name, p) != (chosen.name, precision)
+                     and total_for(b, p, context) <= budget_line.bytes]
 
     largest = _largest_allocation(spec, weights.largest_tensor, act, chunk, context)
     warnings = []
@@ -197,7 +208,7 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
         prefill_chunk=chunk, parameters=spec.parameters, kv_dtype=act, kv_bytes_per_token=kv_per_token,
         weights=weight_lines, kv=kv, workspace=work, overhead=overhead, budget=budget_line,
         largest_allocation=largest, fits=fits, max_context=max_context, fitting_precision=fitting,
-        decode_tokens_per_s=decode, warnings=tuple(warnings),
+        decode_tokens_per_s=decode, warnings=tuple(warnings), fits_with=tuple(fits_with),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from .errors import UserInputError
 
@@ -15,6 +16,7 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 MiB = 1024**2
 GiB = 1024**3
+MAX_SIZE = 1024**6   # 1 EiB: more than any device; bigger numbers are typos
 
 
 def parse_size(text: str | int | float) -> int:
@@ -22,17 +24,24 @@ def parse_size(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise UserInputError(f"invalid size {text!r}: give bytes or a number with a unit, e.g. 3.5GiB or 512MB")
     if isinstance(text, (int, float)):
-        if text <= 0:
-            raise UserInputError(f"invalid size {text!r}: it must be positive, e.g. 3.5GiB")
+        if not 0 < text <= MAX_SIZE:    # (also refuses NaN)
+            raise UserInputError(f"invalid size {str(text)[:40]}: give a positive number of bytes up to 1 EiB, "
+                                 "e.g. 3.5GiB")
         return int(text)
     m = _SIZE.match(text)
     unit = m.group(2).lower() if m else None
+    shown = repr(text) if len(text) <= 40 else repr(text[:40]) + f"... ({len(text)} characters)"
     if not m or unit not in _UNITS:
         raise UserInputError(
-            f"invalid size {text!r}: use a number with one of the units B, KB, MB, GB, KiB, MiB, GiB, e.g. 3.5GiB")
-    value = int(float(m.group(1)) * _UNITS[unit])
+            f"invalid size {shown}: use a number with one of the units B, KB, MB, GB, KiB, MiB, GiB, e.g. 3.5GiB")
+    # exact decimal arithmetic: a float turns "3.3GB" into 3299999999 and a 400-digit number into infinity
+    whole, _, fraction = m.group(1).partition(".")
+    value = (int(Fraction(f"{whole or 0}.{fraction[:30] or 0}") * _UNITS[unit]) if len(whole.lstrip("0")) <= 30
+             else MAX_SIZE + 1)
     if value <= 0:
-        raise UserInputError(f"invalid size {text!r}: it must be positive, e.g. 3.5GiB")
+        raise UserInputError(f"invalid size {shown}: it must be positive, e.g. 3.5GiB")
+    if value > MAX_SIZE:
+        raise UserInputError(f"invalid size {shown}: more than any machine has (at most 1 EiB), e.g. 3.5GiB")
     return value
 
 

@@ -75,3 +75,10 @@ def copy_bundle(tmp_path):
         shutil.copytree(bundle, dest)
         return dest
     return copy
+
+
+def pytest_collection_modifyitems(items):
+    # "slow" (pyproject.toml): whatever builds or loads the real SmolLM2 bundle; -m "not slow" leaves it out
+    for item in items:
+        if "smollm2_bundle" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -59,7 +59,10 @@ def make_bundle(folder: Path, seed: int = 0) -> dict:
     rnd = __import__("random").Random(seed)
     for name, size in FILES.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(rnd.randbytes(size))
+        data = rnd.randbytes(size)
+        if name == "model.onnx":   # verify reads the graph: a ModelProto holding only a doc_string (field 6)
+            data = b"\x32\xb5\x17" + data[3:]                  # 0x32 = field 6, bytes; 0x17b5 = 2997 as a varint
+        (folder / name).write_bytes(data)
     return B.write_manifest(folder, _manifest_fields())
 
 

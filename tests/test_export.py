@@ -123,12 +123,11 @@ def test_fp16_graph_runs_close_to_fp32(tiny, dialect, tmp_path):
         onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
     size = (tmp_path / "model.onnx.data").stat().st_size
     assert size < source.spec.parameters * 4 * 0.6          # stored as fp16: about half of fp32
-    try:
-        dec = OrtDecoder(str(tmp_path / "model.onnx"), dialect=dialect, spec=source.spec, capacity=CONTEXT,
-                         kv_dtype="float16")
-        logits = dec.step(ids[0])
-    except Exception as e:  # onnxruntime's CPU provider lacks some fp16 kernels on some machines
-        pytest.skip(f"onnxruntime CPU cannot run this fp16 graph here: {str(e)[:120]}")
+    # onnxruntime's CPU provider runs both fp16 graphs (it inserts casts where it lacks an fp16 kernel): a
+    # failure to load or run is a failure of the graph, not a reason to skip
+    dec = OrtDecoder(str(tmp_path / "model.onnx"), dialect=dialect, spec=source.spec, capacity=CONTEXT,
+                     kv_dtype="float16")
+    logits = dec.step(ids[0])
     assert np.abs(logits - ref[-1]).max() < 0.05 * np.abs(ref[-1]).max()
 
 

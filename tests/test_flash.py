@@ -199,9 +199,10 @@ def test_smoke_failure_rolls_back(sshd, tiny_bundle, tmp_path):
     dev = device(sshd, root)
     good = flash(tiny_bundle, dev, smoke=True)
     assert good.smoke and "tokens in a" in good.smoke
-    # Hashes are consistent (the manifest was rewritten) but onnxruntime cannot parse the graph.
-    broken = variant(tiny_bundle, tmp_path / "broken",
-                     lambda folder, data: (folder / "model.onnx").write_bytes(b"this is not an ONNX graph\n" * 64))
+    # Hashes are consistent (the manifest was rewritten) and the graph is a well-formed ModelProto (verify
+    # reads its references), but it has no graph: onnxruntime cannot load it.
+    broken = variant(tiny_bundle, tmp_path / "broken", lambda folder, data: (folder / "model.onnx").write_bytes(
+        b"\x32\x19this is not an ONNX graph"))                 # field 6 (doc_string), 25 bytes
     bad_id = read_manifest(broken).id
     code, out, err = cli("flash", str(broken), f"device1:{root}", "-F", str(sshd.config),
                          "--remote-python", sys.executable, "--smoke")

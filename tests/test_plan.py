@@ -213,7 +213,7 @@ def test_cli_fits_exit_0():
 def test_cli_does_not_fit_exit_3():
     r = run(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B", "-t", "orin-nano", "-p", "fp32")
     assert r.exit_code == 3
-    assert "does not fit" in r.stdout and "fp16 would fit at context 4096" in r.stdout
+    assert "does not fit" in r.stdout and "fits at context 4096 as tensorrt fp16, int8, int4;" in r.stdout
     assert "largest context that fits at fp32" in r.stdout or "no context fits at fp32" in r.stdout
 
 
@@ -246,12 +246,6 @@ def test_cli_default_context_is_capped(tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["context"] == 2048
 
 
-def _gguf_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("edgekit.sources.gguf") is not None
-
-
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (arguments, a substring of the one-line error)."""
     (tmp / "empty").mkdir()
@@ -276,12 +270,11 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "context too long": ([q, "-t", "orin-nano", "-c", "1000000"], "at most 131072"),
         "bad budget": ([q, "-t", "orin-nano", "--budget", "lots"], "invalid size 'lots'"),
     }
-    if _gguf_available():
-        from edgekit.sources import packaged_model_path
+    from edgekit.sources import packaged_model_path
 
-        truncated = tmp / "truncated.gguf"
-        truncated.write_bytes(packaged_model_path("smollm2").read_bytes()[:64])
-        cases["truncated gguf"] = ([str(truncated), "-t", "orin-nano"], "truncated")
+    truncated = tmp / "truncated.gguf"
+    truncated.write_bytes(packaged_model_path("smollm2").read_bytes()[:64])
+    cases["truncated gguf"] = ([str(truncated), "-t", "orin-nano"], "truncated")
     return cases
 
 
@@ -292,10 +285,7 @@ BAD_INPUT_NAMES = ["missing path", "no config.json", "bad json", "missing fields
 
 @pytest.mark.parametrize("case", BAD_INPUT_NAMES)
 def test_cli_bad_input_one_line_exit_2(tmp_path, case):
-    cases = _bad_inputs(tmp_path)
-    if case not in cases:
-        pytest.skip("edgekit.sources.gguf is not there yet: cannot read a GGUF")
-    args, message = cases[case]
+    args, message = _bad_inputs(tmp_path)[case]
     r = run(*args)
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
@@ -315,8 +305,8 @@ def test_console_script_exit_codes(tmp_path):
     cases = _bad_inputs(tmp_path)
     runs = [([str(QWEN_1_5B), "-t", "orin-nano"], 0, None),
             ([str(CONFIGS / "DeepSeek-R1-Distill-Qwen-14B"), "-t", "orin-nano", "--json"], 3, None)]
-    runs += [(cases[name][0], 2, cases[name][1]) for name in ("no config.json", "fp8 on orin-nano", "bad json")
-             + (("truncated gguf",) if "truncated gguf" in cases else ())]
+    runs += [(cases[name][0], 2, cases[name][1])
+             for name in ("no config.json", "fp8 on orin-nano", "bad json", "truncated gguf")]
     for args, code, message in runs:
         p = subprocess.run([exe, "plan", *args], capture_output=True, text=True, timeout=60)
         assert p.returncode == code, (args, p.stdout, p.stderr)
@@ -328,8 +318,6 @@ def test_console_script_exit_codes(tmp_path):
 
 
 def test_cli_plan_packaged_smollm2():
-    if not _gguf_available():
-        pytest.skip("edgekit.sources.gguf is not there yet: cannot read a GGUF")
     r = run("smollm2", "-t", "cpu", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)

@@ -114,6 +114,7 @@ def test_awq_beats_round_to_nearest(tiny_qwen2_dir, tmp_path):
     assert '"method": "awq"' in manifest and '"calibration_tokens"' in manifest
 
 
+@pytest.mark.slow
 def test_smollm2_q4_1_imported_losslessly(smollm2_gguf, tmp_path):
     """INT4 bundle from the Q4_1 GGUF, fp32 compute: logits within 1e-3 of transformers, same greedy tokens."""
     import torch

@@ -81,7 +81,14 @@ def test_stream_events_add_up_to_the_result(model):
     assert done.kind == "done" and all(e.kind in ("reasoning", "answer") for e in events[:-1])
     assert "".join(e.text for e in events if e.kind == "reasoning") == done.result.reasoning
     assert "".join(e.text for e in events if e.kind == "answer") == done.result.answer
-    assert not any("\ufffd" in e.text for e in events[:-1]) or "\ufffd" in done.result.text
+    # Streaming never shows a replacement character for a character whose bytes are still arriving: the
+    # deltas add up to decoding all the tokens at once (a character still incomplete when generation stops
+    # is dropped by the stream, and shows as U+FFFD in the one-shot decode). The random byte-level model
+    # produces such split characters; the forced "</think>" would sit between their bytes, so no budget here.
+    plain = list(model.stream(messages=HELLO, max_new_tokens=40, temperature=0))
+    streamed = "".join(e.text for e in plain[:-1])
+    whole = model.codec.decode(plain[-1].result.tokens, skip_special_tokens=True)
+    assert streamed.rstrip("\ufffd") == whole.rstrip("\ufffd") and "\ufffd" in whole
 
 
 def test_stop_string_truncates(model):

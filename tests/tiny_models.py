@@ -36,7 +36,7 @@ def make_model(kind: str, folder: Path, seed: int = 0, **overrides):
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.15)
-            elif "norm" not in "":
+            else:   # norm weights (init 1) and biases (init 0): a dropped one must change the outputs
                 p.add_(torch.randn_like(p) * 0.1)
     model.eval()
     model.save_pretrained(folder)

@@ -151,7 +151,9 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
     q = m.get("quantization")
     if q:
         carried = sum(q.get("lossless", {}).values())
-        click.echo(f"quantization: {q['method']}, {q['weights']} block {q['block_size']}, embedding/LM head int8"
+        head = q.get("embedding_and_lm_head", "int8")      # "int8" or "embedding int8, LM head int4"
+        click.echo(f"quantization: {q['method']}, {q['weights']} block {q['block_size']}, "
+                   + ("embedding/LM head int8" if head == "int8" else head)
                    + (f", {carried} tensors carried over exactly from the GGUF" if carried else "")
                    + "".join(f"; {n} {why}" for why, n in q.get("requantized", {}).items()), err=True)
     if m.get("fidelity"):

@@ -16,6 +16,8 @@ from ..units import fmt_bytes
 
 # ----- doctor ---------------------------------------------------------------------------------------------
 def _doctor_lines(report, support, engine_targets) -> list[tuple[str, str]]:
+    from ..gpu.probe import onnxruntime_clash
+
     d = report.driver
     rows = []
     if d.ok:
@@ -35,6 +37,9 @@ def _doctor_lines(report, support, engine_targets) -> list[tuple[str, str]]:
     providers = ", ".join(p.replace("ExecutionProvider", "") for p in report.ort_providers) or "none"
     rows.append(("onnxruntime", f"{report.onnxruntime}, providers of this build: {providers}"
                  if report.onnxruntime else "not installed"))
+    clash = onnxruntime_clash(report.ort_distributions)
+    if clash:
+        rows.append(("onnxruntime clash", clash))
     m = report.memory
     if "MemTotal" in m:
         rows.append(("memory", f"{fmt_bytes(m['MemTotal'])} total, {fmt_bytes(m.get('MemAvailable', 0))} available"))
@@ -47,7 +52,7 @@ def _doctor_lines(report, support, engine_targets) -> list[tuple[str, str]]:
     if usable:
         text = "bundles built for backend " + " or ".join(usable) + " run here"
         if "tensorrt" not in usable:
-            text += ("; TensorRT bundles run here only with backend='onnxruntime-cpu' (their graph on the CPU)"
+            text += ("; TensorRT bundles run here only with --backend onnxruntime-cpu (their graph on the CPU)"
                      if "onnxruntime-cpu" in usable else "")
         rows.append(("bundles", text))
     else:

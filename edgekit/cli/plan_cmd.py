@@ -125,8 +125,12 @@ def _print_plan(p, spec, display: str) -> None:
             ctx_text = f"largest context that fits at {p.precision}: {p.max_context}"
         else:
             ctx_text = f"no context fits at {p.precision}"
-        alt = (f"{p.fitting_precision} would fit at context {p.context}" if p.fitting_precision
-               else f"no precision of {p.backend} fits at context {p.context}")
+        by_backend: dict[str, list[str]] = {}
+        for b, q in p.fits_with:
+            by_backend.setdefault(b, []).append(q)
+        alt = (f"fits at context {p.context} as " + "; ".join(f"{b} {', '.join(qs)}" for b, qs in by_backend.items())
+               + " (choose with --backend and --precision)" if p.fits_with
+               else f"no backend or precision of {p.target} fits at context {p.context}")
         click.echo(f"does not fit: needs {fmt_bytes(p.total_bytes)}, budget {fmt_bytes(p.budget_bytes)} "
                    f"({share:.0f}%); {ctx_text}; {alt}")
     for w in p.warnings:

@@ -10,6 +10,8 @@ import click
 from . import cli, echo_json
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+CHAT_HELP = ("commands: /reset clears the conversation, /exit (or /quit, /bye, Ctrl-D) quits, /help shows this; "
+             "start a message with // to send a line that begins with /")
 
 
 def _load_options(f):
@@ -106,13 +108,14 @@ def _stream_to_terminal(events, show_reasoning: bool):
 @_sampling_options
 @click.option("--hide-reasoning", is_flag=True, help="Do not show the model's reasoning.")
 def chat_cmd(bundle, memory_budget, max_context, backend, threads, hide_reasoning, **kw):
-    """Talk to BUNDLE interactively. /reset clears the conversation, /exit (or Ctrl-D) quits."""
+    """Talk to BUNDLE interactively. /reset clears the conversation, /exit (or Ctrl-D) quits, /help lists the
+    commands."""
     model = _load(bundle, memory_budget, max_context, backend, threads)
     args = _sampling(kw)
     if not model.codec.has_chat_template:
         raise click.UsageError("this bundle has no chat template: use `edgekit run --raw` instead")
     history: list[dict] = []
-    click.echo(f"edgekit chat: {model.spec.name or bundle} (context {model.max_context}). /reset clears, /exit quits.",
+    click.echo(f"edgekit chat: {model.spec.name or bundle} (context {model.max_context}). /help lists the commands.",
                err=True)
     while True:
         try:
@@ -129,6 +132,12 @@ def chat_cmd(bundle, memory_budget, max_context, backend, threads, hide_reasonin
             history.clear()
             click.echo("(conversation cleared)", err=True)
             continue
+        if text.startswith("/") and not text.startswith("//"):   # a mistyped command must not reach the model
+            click.echo(f"{'' if text in ('/help', '/?') else f'unknown command {text.split()[0]}: '}{CHAT_HELP}",
+                       err=True)
+            continue
+        if text.startswith("//"):
+            text = text[1:]
         history.append({"role": "user", "content": text})
         try:
             result = _stream_to_terminal(model.stream(messages=history, truncate=True, **args), not hide_reasoning)

@@ -83,7 +83,8 @@ def check_engine(engine: dict[str, Any] | None, probe, installed_tensorrt: str |
     fix = f"rebuild it here with `edgekit engine {bundle}`"
     if not engine:
         raise BackendUnavailable(f"{bundle} is built for TensorRT but has no engine yet: build it on this device "
-                                 f"with `edgekit engine {bundle}`, or load with backend='onnxruntime-cpu'")
+                                 f"with `edgekit engine {bundle}`, or run its graph with the onnxruntime-cpu "
+                                 "backend (--backend onnxruntime-cpu)")
     if not probe.ok:
         raise _gpu_problem(probe, "run a TensorRT engine")
     built_sm = str(engine.get("compute_capability") or "")

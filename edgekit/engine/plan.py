@@ -250,9 +250,12 @@ def engine_plan(spec: ModelSpec, target: Target, *, precision: str, max_context:
 def plan_for_manifest(manifest, target: Target) -> EnginePlan:
     """The plan for a bundle (a :class:`edgekit.runtime.bundle.Manifest`) on its target."""
     if manifest.dialect != "tensorrt":
-        raise BundleError(f"bundle {manifest.folder} holds the {manifest.dialect!r} graph dialect, which TensorRT "
-                          "cannot build: rebuild it for a TensorRT target (edgekit build MODEL --target "
-                          f"{target.name} --backend tensorrt)")
+        # suggest a build that exists: the bundle's own target only when it has a TensorRT backend
+        fix = (f"--target {target.name} --backend tensorrt" if "tensorrt" in target.backend_names else
+               "--target orin-nano, or another GPU target from edgekit targets")
+        raise BundleError(f"bundle {manifest.folder} holds the {manifest.dialect!r} graph dialect (built for "
+                          f"{manifest.backend} on {target.name}), which TensorRT cannot build: rebuild it for "
+                          f"TensorRT with edgekit build MODEL {fix}")
     return engine_plan(manifest.spec(), target, precision=manifest.precision, max_context=int(manifest.max_context),
                        inputs=manifest.graph["inputs"], outputs=manifest.graph["outputs"],
                        prefill_chunk=int(manifest.memory.get("prefill_chunk") or target.prefill_chunk),

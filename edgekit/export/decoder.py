@@ -146,8 +146,9 @@ class DecoderWriter:
         self.codec = codec or DenseCodec(self.np_dtype)
         if opts.dialect == "ort" and spec.head_dim % 16:
             raise UserInputError(
-                f"head_dim {spec.head_dim} is not a multiple of 16, which onnxruntime's fused attention needs: "
-                "build with --dialect tensorrt (standard ONNX ops) for this model")
+                f"head_dim {spec.head_dim} is not a multiple of 16, which onnxruntime's fused attention (the "
+                "graph of onnxruntime-cpu and onnxruntime-cuda bundles) needs: build this model for TensorRT "
+                "(--backend tensorrt on a GPU target, whose graph uses standard ONNX ops)")
 
     # ----- helpers ----------------------------------------------------------------------------
     def w(self, canonical: str, layer: int | None = None) -> np.ndarray:

@@ -279,6 +279,47 @@ def tensorrt_version() -> str | None:
     return found[1] if found else None
 
 
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def onnxruntime_distributions(path: list[str] | None = None) -> tuple[tuple[str, str], ...]:
+    """(name, version) of every installed distribution that provides the ``onnxruntime`` module.
+
+    onnxruntime, onnxruntime-gpu (and -directml, -openvino, ...) all install the same ``onnxruntime``
+    package folder: with two of them installed, the files are whichever was installed last, mixed with
+    the other's, and the metadata of neither describes what imports. ``path`` is for tests.
+    """
+    found = {}
+    for dist in importlib.metadata.distributions(**({"path": path} if path is not None else {})):
+        try:
+            name = _normalized(dist.metadata["Name"] or "")
+            if name != "onnxruntime" and not name.startswith("onnxruntime-"):
+                continue
+            files = dist.files
+            # a RECORD names the files; without one, trust the name unless it is a known add-on package
+            provides = (any(str(f).replace("\\", "/") == "onnxruntime/__init__.py" for f in files) if files
+                        else name not in ("onnxruntime-genai", "onnxruntime-extensions"))
+            if provides:
+                found.setdefault(name, dist.version)
+        except Exception:   # a broken metadata folder must not break the probe
+            continue
+    return tuple(sorted(found.items()))
+
+
+def onnxruntime_clash(dists: Iterable[tuple[str, str]]) -> str | None:
+    """The one-line fix when several onnxruntime distributions share the module, else None."""
+    dists = list(dists)
+    if len(dists) < 2:
+        return None
+    names = [n for n, _ in dists]
+    shown = " and ".join(f"{n} {v}" for n, v in dists)
+    keep = "onnxruntime-gpu" if "onnxruntime-gpu" in names else names[-1]
+    return (f"{shown} are both installed and overwrite each other's files in the one onnxruntime module: "
+            f"uninstall both (pip uninstall -y {' '.join(names)}), then install one (pip install {keep} for "
+            "the GPU, or onnxruntime for the CPU only)")
+
+
 def onnxruntime_info() -> tuple[str | None, tuple[str, ...]]:
     """(version, execution providers of this build). The providers are the build's list: onnxruntime-gpu
     lists CUDA and TensorRT even on a machine without a GPU, so they say what could run, not what will."""
@@ -286,7 +327,8 @@ def onnxruntime_info() -> tuple[str | None, tuple[str, ...]]:
     try:
         import onnxruntime
 
-        return (found[1] if found else getattr(onnxruntime, "__version__", None),
+        # the module's own version first: with two distributions installed, metadata names the wrong one
+        return (getattr(onnxruntime, "__version__", None) or (found[1] if found else None),
                 tuple(onnxruntime.get_available_providers()))
     except Exception:   # not installed or broken: the report says so
         return (found[1] if found else None), ()
@@ -320,12 +362,15 @@ class MachineReport:
     onnxruntime: str | None
     ort_providers: tuple[str, ...]
     memory: dict[str, int] = field(default_factory=dict)
+    ort_distributions: tuple[tuple[str, str], ...] = ()   # more than one is a clash (onnxruntime_clash)
 
     def to_dict(self) -> dict[str, Any]:
         return {"driver": self.driver.to_dict(), "jetson": self.jetson.to_dict() if self.jetson else None,
                 "tensorrt": self.tensorrt, "tensorrt_module": self.tensorrt_module,
                 "cuda_python": self.cuda_python, "onnxruntime": self.onnxruntime,
                 "onnxruntime_providers": list(self.ort_providers),
+                "onnxruntime_distributions": [{"name": n, "version": v} for n, v in self.ort_distributions],
+                "onnxruntime_clash": onnxruntime_clash(self.ort_distributions),
                 "memory": {"total_bytes": self.memory.get("MemTotal"),
                            "available_bytes": self.memory.get("MemAvailable"),
                            "cma_total_bytes": self.memory.get("CmaTotal"),
@@ -339,7 +384,8 @@ def machine_report(*, root: Path = Path("/"), load: Callable[[str], Any] | None 
     ort_version, providers = ort if ort is not None else onnxruntime_info()
     return MachineReport(driver=probe_driver(load), jetson=read_jetson(root), tensorrt=tensorrt_version(),
                          tensorrt_module=module_present("tensorrt"), cuda_python=cuda_py[1] if cuda_py else None,
-                         onnxruntime=ort_version, ort_providers=providers, memory=read_meminfo(root))
+                         onnxruntime=ort_version, ort_providers=providers, memory=read_meminfo(root),
+                         ort_distributions=onnxruntime_distributions())
 
 
 @dataclass(frozen=True)
@@ -352,10 +398,13 @@ class BackendSupport:
 def backend_support(report: MachineReport) -> tuple[BackendSupport, ...]:
     """Which of edgekit's backends can run here, each with the reason (the decision ``doctor`` prints)."""
     d = report.driver
+    clash = onnxruntime_clash(report.ort_distributions)
     cpu = (BackendSupport("onnxruntime-cpu", True, f"onnxruntime {report.onnxruntime}")
            if report.onnxruntime else
            BackendSupport("onnxruntime-cpu", False, "onnxruntime is not installed: pip install onnxruntime"))
-    if "CUDAExecutionProvider" not in report.ort_providers:
+    if clash and "CUDAExecutionProvider" not in report.ort_providers:
+        cuda = BackendSupport("onnxruntime-cuda", False, f"the onnxruntime module has no CUDA provider because {clash}")
+    elif "CUDAExecutionProvider" not in report.ort_providers:
         cuda = BackendSupport("onnxruntime-cuda", False, "this onnxruntime has no CUDA provider: install "
                               "onnxruntime-gpu (on Jetson from NVIDIA's Jetson wheels)")
     elif not d.ok:

@@ -563,7 +563,8 @@ def _check_file(folder: Path, name: str, entry: dict[str, Any], hash_it: bool | 
 
 
 def verify(folder: str | os.PathLike, *, weights: bool = True) -> VerifyReport:
-    """Check every listed file against the manifest; list unlisted files, symlinks and special files too.
+    """Check every listed file against the manifest, and the files the graph reads; list unlisted files,
+    symlinks and special files too.
 
     Sizes are always checked. With ``weights=False`` files larger than QUICK_HASH_LIMIT (weights,
     engines) are not hashed, which takes seconds instead of minutes on a Jetson. A manifest that cannot
@@ -583,6 +584,10 @@ def verify(folder: str | os.PathLike, *, weights: bool = True) -> VerifyReport:
         else:
             size_only.append(name)
     reported = {p.name for p in problems}   # a listed symlink is already reported by name
+    if manifest.graph["file"] not in reported:        # the files its tensors read (onnx_refs: stdlib only)
+        from .onnx_refs import graph_problems
+
+        problems += [Problem(manifest.graph["file"], what) for what in graph_problems(manifest)]
     try:
         for name, kind in _walk(folder):
             if name == MANIFEST or name in reported or (kind == "file" and name in manifest.files):

@@ -92,6 +92,7 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
     tokens: list[int] = []
     text_parts: list[str] = []
     reasoning_tokens, budget_hit, finish = 0, False, "length"
+    forced = codec.encode(FORCED_CLOSE, add_special_tokens=False) if request.thinking_budget is not None else []
     t_first = None
 
     def emit(delta: str) -> Iterator[Event]:
@@ -119,10 +120,10 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
         if splitter.in_reasoning:
             reasoning_tokens += 1
             if request.thinking_budget is not None and reasoning_tokens >= request.thinking_budget \
-                    and decoder.position + 8 < capacity:
+                    and decoder.position + 1 + len(forced) < capacity:
                 # End the thought the way R1 does and make the model answer. The forced tokens go through the
                 # model (so it sees them) and through the text path (so the splitter switches to the answer).
-                forced = codec.encode(FORCED_CLOSE, add_special_tokens=False)
+                # They take cache rows but are not completion tokens: the cache check below stops the answer.
                 decoder.step(np.asarray([token], dtype=np.int64))
                 logits = decoder.step(np.asarray(forced, dtype=np.int64))
                 budget_hit = True
@@ -130,7 +131,7 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
                 text_parts.append(forced_text)
                 yield from emit(forced_text)
                 continue
-        if len(tokens) >= max_new:
+        if len(tokens) >= max_new or decoder.position >= capacity:   # the cache is full: "length"
             break
         logits = decoder.step(np.asarray([token], dtype=np.int64))
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BudgetExceeded
+from ..errors import BudgetExceeded, BundleError
 
 MiB = 1024 * 1024
 
@@ -41,6 +41,59 @@ def need_for(memory: dict, max_context: int) -> MemoryNeed:
     """The allocation for ``max_context`` from a manifest's ``memory`` section."""
     return MemoryNeed(int(memory["weights_bytes"]), int(memory["kv_bytes_per_token"]) * max_context,
                       int(memory.get("workspace_bytes", 0)), int(memory.get("overhead_bytes", 0)), max_context)
+
+
+# ONNX element types of a KV cache, and the manifest's names for them
+_ELEM_BYTES = {1: 4, 10: 2, 16: 2}                       # float, float16, bfloat16
+_KV_ELEM = {"float": 1, "float32": 1, "float16": 10}
+
+
+def graph_memory(manifest, info) -> dict:
+    """The manifest's ``memory`` section with what the backend really allocates in place of its claims.
+
+    A manifest is untrusted and the budget check must hold against a hostile one: the KV bytes per token
+    come from the graph's ``past_*`` inputs (checked to agree with the model section, which sizes the
+    buffers: 2 x layers x kv_heads x head_dim x the cache's element size), and the weights are at least
+    the size of the files the graph reads (their sizes are verified). ``info`` is the graph's
+    :class:`edgekit.runtime.onnx_refs.GraphInfo`.
+    """
+    spec, graph = manifest.spec(), manifest.graph["file"]
+    kv_dtype = manifest.graph.get("kv_dtype", "float32")
+    elem = _KV_ELEM.get(kv_dtype)
+    if elem is None:
+        raise BundleError(f"manifest.json graph.kv_dtype {kv_dtype!r} is not a KV cache type edgekit knows "
+                          f"({', '.join(_KV_ELEM)}): rebuild the bundle")
+    expected = {f"past_{kind}_{i}" for i in range(spec.num_layers) for kind in ("key", "value")}
+    past = {name: v for name, v in info.inputs.items() if name.startswith("past_")}
+    per_token = 0
+    for name in sorted(expected | set(past)):
+        elem_type, dims = past.get(name, (0, []))
+        if name not in expected or elem_type != elem or [d for d in dims if isinstance(d, int)] != \
+                [spec.num_kv_heads, spec.head_dim] or len(dims) != 4:
+            shown = "missing" if name not in past else f"type {elem_type} with shape {dims}"
+            raise BundleError(
+                f"{graph} input {name} is {shown} but the manifest describes {spec.num_layers} layers of "
+                f"{kv_dtype} K/V with {spec.num_kv_heads} kv heads x head_dim {spec.head_dim}: the manifest does "
+                "not match the graph (corrupt or hostile); rebuild the bundle")
+        per_token += spec.num_kv_heads * spec.head_dim * _ELEM_BYTES[elem_type]
+    graph_dir = graph.rpartition("/")[0]
+    # the external data files and the graph file itself (small initializers are stored inside it)
+    data = {f"{graph_dir}/{loc}" if graph_dir else loc for loc in info.locations} | {graph}
+    weights = sum(int(manifest.files[name]["size"]) for name in data if name in manifest.files)
+    if manifest.engine:
+        weights = max(weights, int(manifest.files[manifest.engine["file"]]["size"]))
+    return {**manifest.memory, "kv_bytes_per_token": per_token,
+            "weights_bytes": max(weights, int(manifest.memory["weights_bytes"]))}
+
+
+def rotary_rows(manifest, info) -> int:
+    """How many positions the graph's rotary tables cover: the longest context it can run."""
+    names = info.rotary_tables | ({"rope.cos", "rope.sin"} & set(info.initializers))
+    rows = [info.initializers[n][0] for n in names if len(info.initializers.get(n, ())) == 2]
+    if not rows or len(rows) != len(names):
+        raise BundleError(f"{manifest.graph['file']} has no rotary table edgekit can read (rope.cos, rope.sin): "
+                          "it is not an edgekit graph, or it is corrupt; rebuild the bundle")
+    return min(rows)
 
 
 def _read_int(path: Path) -> int | None:

@@ -10,7 +10,8 @@ from typing import Any, Iterator
 from ..errors import BackendUnavailable, BundleError, GenerationError
 from .bundle import read_manifest, verify
 from .generate import Event, GenerationRequest, GenerationResult, run
-from .memory import check_budget
+from .memory import check_budget, graph_memory, rotary_rows
+from .onnx_refs import read_graph
 from .reasoning import prompt_opens_thinking
 from .sampling import SamplingParams
 from .text import TextCodec
@@ -113,27 +114,6 @@ class Model:
         self.decoder = None
 
 
-def _check_external_data(manifest, graph_path: Path) -> None:
-    # (the graph's folder inside the bundle comes from the manifest's name, not from the resolved path: a
-    # bundle is often loaded through a symlink such as DIR/current)
-    """Every weight file the ONNX graph names must be a file of the bundle (no ``..``, no absolute paths)."""
-    from .onnx_refs import external_locations
-
-    try:
-        locations = set(external_locations(graph_path.read_bytes()))
-    except ValueError as e:
-        raise BundleError(f"{graph_path} is not a readable ONNX model ({e}): rebuild or re-copy the bundle") from None
-    from pathlib import PurePosixPath
-
-    graph_dir = PurePosixPath(manifest.graph["file"]).parent.as_posix()
-    for location in sorted(locations):
-        name = location if graph_dir == "." else f"{graph_dir}/{location}"
-        if location.startswith(("/", "\\")) or ".." in location.replace("\\", "/").split("/") or \
-                name not in manifest.files:
-            raise BundleError(f"{graph_path.name} reads its weights from {location!r}, which is not a file of the "
-                              "bundle: the bundle is corrupt or hostile; do not use it")
-
-
 def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: int | str | None = None,
          backend: str = "auto", threads: int | None = None, verify_weights: bool = False) -> Model:
     """Load a bundle, checking it and the memory budget before anything is allocated.
@@ -154,11 +134,27 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     if chosen not in (*ORT_BACKENDS, "tensorrt"):
         raise BundleError(f"bundle {bundle} is for backend {chosen!r}, which this edgekit does not know: "
                           "upgrade edgekit, or rebuild the bundle")
+    if chosen == "tensorrt" and manifest.backend != "tensorrt":   # TensorRT runs only the tensorrt dialect + engine
+        raise BackendUnavailable(
+            f"bundle {bundle} is built for {manifest.backend} (target {manifest.target['name']}), not TensorRT: "
+            f"run it with the {manifest.backend} backend (--backend {manifest.backend}, or auto), or build a "
+            "TensorRT bundle for a GPU target (edgekit build MODEL --target orin-nano)")
+    graph_path = manifest.path(manifest.graph["file"])
+    try:   # verify() read it too: what the graph reads is a file of the bundle
+        info = read_graph(graph_path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"{graph_path} is not a readable ONNX model ({e}): rebuild or re-copy the bundle") from None
     built = int(manifest.max_context)
     context = built if max_context is None else max_context
     if not isinstance(context, int) or isinstance(context, bool) or not 2 <= context <= built:
         raise GenerationError(f"invalid max_context {max_context!r}: this bundle supports 2 .. {built}")
-    need = check_budget(manifest.memory, context, budget=_parse_budget(memory_budget), bundle_context=built)
+    rows = rotary_rows(manifest, info)
+    if context > rows:   # onnxruntime would fail mid-generation, at the first position past the table
+        raise BundleError(f"bundle {bundle} claims max_context {built} but its graph's rotary tables cover "
+                          f"{rows} positions: the manifest is corrupt or hostile; rebuild the bundle, or load "
+                          f"with max_context <= {rows}")
+    need = check_budget(graph_memory(manifest, info), context, budget=_parse_budget(memory_budget),
+                        bundle_context=min(built, rows))
 
     tok = manifest.tokenizer
     template_name = tok.get("chat_template")
@@ -170,8 +166,6 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
         return Model(manifest, open_engine_decoder(manifest, capacity=context), codec, context, need)
     from .ort_backend import OrtDecoder
 
-    graph_path = manifest.path(manifest.graph["file"])
-    _check_external_data(manifest, graph_path)
     decoder = OrtDecoder(str(graph_path), dialect=manifest.dialect, spec=manifest.spec(),
                          capacity=context, kv_dtype=manifest.graph.get("kv_dtype", "float32"), backend=chosen,
                          threads=threads)

@@ -25,7 +25,8 @@ def _providers(backend: str, ort) -> list:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailable(
                 "onnxruntime-cuda was requested but this onnxruntime has no CUDA provider: "
-                "install onnxruntime-gpu (on Jetson, from NVIDIA's Jetson wheels) or use backend='onnxruntime-cpu'")
+                "install onnxruntime-gpu (on Jetson, from NVIDIA's Jetson wheels) or use the onnxruntime-cpu "
+                "backend (--backend onnxruntime-cpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     raise BackendUnavailable(f"backend {backend!r} is not an onnxruntime backend")
 
@@ -53,7 +54,8 @@ class OrtDecoder:
         if backend == "onnxruntime-cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             # onnxruntime silently falls back to CPU when CUDA cannot start; a robot must not run 20x slower unnoticed
             raise BackendUnavailable("onnxruntime could not start CUDA (no GPU or driver) and fell back to the CPU: "
-                                     "use backend='onnxruntime-cpu' explicitly, or fix the GPU setup (edgekit doctor)")
+                                     "use the onnxruntime-cpu backend explicitly (--backend onnxruntime-cpu), "
+                                     "or fix the GPU setup (edgekit doctor)")
         self.device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
         self.dtype = _NP[kv_dtype]
         self.vocab = spec.vocab_size

@@ -118,7 +118,7 @@ class CudaRuntime:
                 from cuda import cudart                       # older cuda-python
             except ImportError:
                 raise BackendUnavailable("the TensorRT backend needs cuda-python: pip install cuda-python "
-                                         "(or load with backend='onnxruntime-cpu')") from None
+                                         "(or use the onnxruntime-cpu backend: --backend onnxruntime-cpu)") from None
         return cls(cudart)
 
     def _ok(self, result, what: str):
@@ -336,7 +336,8 @@ def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None,
         check_engine(engine, probe, None, bundle=folder)          # "no engine yet: edgekit engine ..."
     if manifest.dialect != "tensorrt":
         raise BundleError(f"bundle {folder} holds the {manifest.dialect!r} graph, which TensorRT does not run: "
-                          "use backend='onnxruntime-cpu' or 'onnxruntime-cuda'")
+                          "use the onnxruntime backend it was built for (--backend auto, onnxruntime-cpu or "
+                          "onnxruntime-cuda)")
     probe = probe if probe is not None else probe_driver()
     installed = str(trt.__version__) if trt is not None else tensorrt_version()
     if installed is None and probe.ok and module_present("tensorrt"):
