@@ -58,13 +58,32 @@ def test_nbits_matches_reference(bits, bs, shape):
     assert (err <= step + 1e-6).all() and (err <= step * 0.5 + 1e-6).mean() > 0.95
 
 
+def ref_positive(w, bs):
+    """TensorRT's INT4, element by element: per block scale = max(amax / 7.5, 2^-14) > 0, code = clip(round)."""
+    n, k = w.shape
+    codes = np.zeros((n, k), np.int64)
+    scales = np.zeros((n, k // bs), np.float32)
+    for r in range(n):
+        for j in range(k // bs):
+            block = w[r, j * bs:(j + 1) * bs]
+            s = max(np.float32(max(abs(float(v)) for v in block)) / np.float32(7.5), np.float32(2.0 ** -14))
+            scales[r, j] = s
+            for i, v in enumerate(block):
+                codes[r, j * bs + i] = min(7, max(-8, int(np.rint(np.float32(v) / np.float32(s)))))
+    return codes, scales
+
+
 def test_qdq_int4_packing_is_onnx_int4():
     from onnx import TensorProto, helper, numpy_helper
 
     w = rng.standard_normal((6, 64)).astype(np.float32)                # (N, K)
+    w[2, 32:] = 0                                                      # an all-zero block: the floor, not 0
     enc = to_qdq_int4(w, 32)
-    codes, scales = ref_symmetric(w, 4, 32)
-    assert np.array_equal(enc.values, codes.T) and np.array_equal(enc.scales, scales.T)
+    codes, scales = ref_positive(w, 32)
+    assert np.array_equal(enc.values, codes.T) and np.allclose(enc.scales, scales.T, rtol=1e-7, atol=0)
+    assert (enc.scales > 0).all() and enc.scales[1, 2] == np.float32(2.0 ** -14)
+    step = np.repeat(enc.scales, 32, axis=0)
+    assert (np.abs(enc.dequantize() - w.T) <= step * 0.5 + 1e-6).all()     # no value is off by more than half a step
     # onnx's own INT4 packing of the same signed values must give the same bytes
     tensor = helper.make_tensor("w", TensorProto.INT4, enc.values.shape, enc.values.reshape(-1).tolist())
     assert numpy_helper.to_array(tensor).tolist() == enc.values.tolist()
@@ -75,9 +94,10 @@ def test_qdq_int4_packing_is_onnx_int4():
 
 def test_qdq_int8_per_channel():
     w = rng.standard_normal((5, 40)).astype(np.float32)
+    w[3] = 0                                                           # an all-zero row: the floor, not 0
     enc = to_qdq_int8(w)
-    scales = np.abs(w).max(axis=1) / 127
-    assert np.allclose(enc.scales, scales)
+    scales = np.maximum(np.abs(w).max(axis=1) / 127, 2.0 ** -14)
+    assert np.allclose(enc.scales, scales) and (enc.scales > 0).all()
     assert np.array_equal(enc.values, np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8).T)
 
 
@@ -168,11 +188,27 @@ def test_gguf_blocks_are_carried_over_exactly(qtype, bits):
     assert np.abs(y - x @ deq.T).max() < 1e-3 * np.abs(x @ deq.T).max()
 
 
-def test_q4_0_maps_to_tensorrt_int4_exactly():
+def test_q4_0_maps_to_tensorrt_int4_with_positive_scales():
+    """llama.cpp's Q4_0 maps a block's peak to code -8, so d < 0 for every block whose peak is positive. Blocks
+    with d > 0 or (d < 0 without a -8 code: negated) stay exact; d < 0 with a -8 code is re-quantized."""
     raw, deq = _gguf_blocks("Q4_0", 4, 128)
-    enc = qdq_int4_from_q4_0(raw, deq)
-    assert enc.values.min() >= -8 and enc.values.max() <= 7
-    assert np.allclose(enc.dequantize().T, deq, rtol=1e-6, atol=1e-7)
+    raw[0, 1, :2] = np.array([0.0], np.float16).view(np.uint8)                 # a block with d = 0 (all zero)
+    raw[1, 2, :2] = (-np.abs(np.frombuffer(raw[1, 2, :2].tobytes(), np.float16))).view(np.uint8)  # d < 0
+    raw[1, 2, 2:] = (raw[1, 2, 2:] & 0xEE) | 0x11                              # ...and keep its codes off -8
+    from gguf import GGMLQuantizationType, quants
+
+    deq = quants.dequantize(raw.reshape(4, -1), GGMLQuantizationType.Q4_0).reshape(4, 128)
+    enc, counts = qdq_int4_from_q4_0(raw, deq)
+    d = np.frombuffer(np.ascontiguousarray(raw[..., :2]).tobytes(), np.float16).reshape(4, 4).astype(np.float32)
+    assert (enc.scales > 0).all() and enc.values.min() >= -8 and enc.values.max() <= 7
+    assert counts["negated"] >= 1 and counts["requantized"] >= 1 and sum(counts.values()) == 16
+    got = enc.dequantize().T.reshape(4, 4, 32)
+    want = deq.reshape(4, 4, 32)
+    requantized = (d < 0) & (np.abs(want / np.where(d == 0, 1, d)[..., None] + 8) < 1e-3).any(-1)
+    assert requantized.sum() == counts["requantized"]
+    assert np.allclose(got[~requantized], want[~requantized], rtol=1e-6, atol=1e-7)       # exact blocks
+    half_step = (np.abs(want).max(-1) / 7.5 / 2)[..., None]
+    assert (np.abs(got - want)[requantized] <= half_step[requantized] + 1e-6).all()
 
 
 def test_asymmetric_blocks_have_no_exact_tensorrt_form():

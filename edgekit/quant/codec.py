@@ -12,8 +12,13 @@
 
     W int4 (K, N) ─DequantizeLinear(axis 0, block_size)─> (K, N) ─MatMul─> y    INT4 linears
     W int8 (K, N) ─DequantizeLinear(axis 1)─> (K, N) ─MatMul─> y                 INT8 linears
-    E int8 (V, H) ─DequantizeLinear(axis 0)─> (V, H) ─Gemm(transB)─> logits      LM head (per row)
-    ids ─Gather(E)─> (B,S,H) int8 ─Cast─ * Gather(scales) ─> (B,S,H)             embedding
+    E int8 (V, H) ─DequantizeLinear(axis 0)─> (V, H) float ─┬─Gather(ids)─> (B,S,H)    embedding
+                                                              └─Gemm(transB)─> logits  LM head (tied: the same DQ)
+
+  Every scale is > 0 and INT4/INT8 initializers feed only DequantizeLinear: TensorRT refuses anything else
+  ("Int8 constant is only allowed before DQ node"; onnx-tensorrt docs/operators.md lists no INT8 for Gather or
+  Cast). DequantizeLinear -> Gather is the form NVIDIA's ModelOpt writes for quantized embeddings; the bundle
+  stores the same bytes as a Gather of INT8 rows would.
 
 The embedding and the LM head are INT8 at both INT4 and INT8 precision (see :mod:`edgekit.precision`).
 """
@@ -44,9 +49,13 @@ class QuantStats:
     lossless: Counter = field(default_factory=Counter)        # GGUF type -> tensors carried over exactly
     requantized: Counter = field(default_factory=Counter)     # reason -> tensors quantized from floats
     bytes: int = 0
+    trt_q4_0_blocks: Counter = field(default_factory=Counter)  # tensorrt: Q4_0 blocks exact / negated / requantized
 
     def to_dict(self) -> dict:
-        return {"lossless": dict(self.lossless), "requantized": dict(self.requantized)}
+        out = {"lossless": dict(self.lossless), "requantized": dict(self.requantized)}
+        if self.trt_q4_0_blocks:
+            out["tensorrt_q4_0_blocks"] = dict(self.trt_q4_0_blocks)
+        return out
 
 
 class QuantCodec:
@@ -146,16 +155,25 @@ class QuantCodec:
         return y
 
     def _lossless_qdq(self, parts) -> QDQ | None:
-        encs = []
+        encs, blocks = [], {"exact": 0, "negated": 0, "requantized": 0}
         for canonical, layer in parts:
             raw = self._raw(canonical, layer)
             if raw is None or raw[0] != "Q4_0" or self.block_size != 32:
                 return None
-            enc = qdq_int4_from_q4_0(raw[1], self.raw_reader.tensor(canonical, layer))
-            if enc is None:
+            found = qdq_int4_from_q4_0(raw[1], self.raw_reader.tensor(canonical, layer))
+            if found is None:
                 return None
-            encs.append(enc)
-        self.stats.lossless["Q4_0"] += len(encs)
+            encs.append(found[0])
+            for key, count in found[1].items():
+                blocks[key] += count
+        # TensorRT needs positive scales: a Q4_0 block with d < 0 is carried negated, or re-quantized when its
+        # -8 code cannot be negated (see qdq_int4_from_q4_0); the manifest counts both.
+        for key, count in blocks.items():
+            self.stats.trt_q4_0_blocks[key] += count
+        if blocks["requantized"]:
+            self.stats.requantized["Q4_0 with d < 0 and code -8: those blocks re-quantized for TensorRT"] += len(encs)
+        else:
+            self.stats.lossless["Q4_0"] += len(encs)
         return QDQ(4, 32, np.concatenate([e.values for e in encs], axis=1),
                    np.concatenate([e.scales for e in encs], axis=1))
 
@@ -173,12 +191,17 @@ class QuantCodec:
             if enc is not None:
                 return {"enc": enc, "blob": b.weight(f"{name}.qweight", enc.blob),
                         "scales": b.weight(f"{name}.scales", enc.scales.reshape(-1).astype(self.dtype))}
-        enc = to_qdq_int8(weight)                                    # (H, V) codes, (V,) scales
+        enc = to_qdq_int8(weight)                                    # (H, V) codes, (V,) scales, all > 0
         self.stats.requantized["symmetric round-to-nearest for TensorRT" if self.dialect == "tensorrt" else
                                "round-to-nearest from floats"] += 1
         codes = np.ascontiguousarray(enc.values.T)                   # (V, H): rows are tokens
-        return {"codes": b.weight(f"{name}.qweight", codes), "scales": b.weight(f"{name}.scales",
-                                                                                  enc.scales.astype(self.dtype))}
+        t = {"codes": b.weight(f"{name}.qweight", codes), "scales": b.weight(f"{name}.scales",
+                                                                               enc.scales.astype(self.dtype))}
+        if self.dialect == "tensorrt":
+            # INT8 may only feed DequantizeLinear in TensorRT (module docstring): dequantize the whole table
+            # once, and let Gather (embedding) and Gemm (LM head) read the float result.
+            t["table"] = b.op("DequantizeLinear", t["codes"], t["scales"], axis=0, name=f"{name}/Dequantize")
+        return t
 
     def embedding(self, b, ids: str, weight: np.ndarray, tied: bool = False) -> str:
         shared = tied and self.head_bits == 8       # the head can read the embedding's own INT8 table
@@ -195,6 +218,8 @@ class QuantCodec:
             if enc.n_blocks * enc.block_size != enc.k:
                 flat = b.op("Slice", flat, b.const([0]), b.const([enc.k]), b.const([2]), name="embed/Unpad")
             return flat
+        if "table" in t:                                                                     # tensorrt
+            return b.op("Gather", t["table"], ids, axis=0, name="embed/Gather")              # (B, S, H) float
         codes = b.op("Gather", t["codes"], ids, axis=0, name="embed/GatherCodes")            # (B, S, H) int8
         scales = b.op("Unsqueeze", t["scales"], b.const([1]), name="embed/ScaleCol")         # (V, 1)
         scale = b.op("Gather", scales, ids, axis=0, name="embed/GatherScales")               # (B, S, 1)
@@ -209,7 +234,8 @@ class QuantCodec:
             return b.op("MatMulNBits", flat, t["blob"], t["scales"], domain="com.microsoft", K=enc.k, N=enc.n,
                         bits=8, block_size=enc.block_size, accuracy_level=self.head_accuracy_level,
                         name="lm_head/MatMulNBits")
-        deq = b.op("DequantizeLinear", t["codes"], t["scales"], axis=0, name="lm_head/Dequantize")  # (V, H)
+        deq = t.get("table") or b.op("DequantizeLinear", t["codes"], t["scales"], axis=0,
+                                     name="lm_head/Dequantize")                                     # (V, H)
         return b.op("Gemm", flat, deq, transB=1, name="lm_head/Gemm")
 
 

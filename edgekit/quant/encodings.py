@@ -20,6 +20,11 @@ Two containers hold the same numbers in different layouts:
     INT4    int4 (K, N), signed, two per byte low nibble first (ONNX packing), scales (K / bs, N), axis 0,
             block_size bs, no zero point (TensorRT's weight-only INT4 is symmetric; bs must divide K)
     INT8    int8 (K, N), scales (N,), axis 1 (per output channel), no zero point
+
+  Every scale is > 0: TensorRT's ONNX parser refuses a DequantizeLinear with any scale <= 0 ("Scale
+  coefficients must all be positive", onnx-tensorrt onnxOpImporters.cpp QuantDequantLinearHelper; NvInfer.h
+  IDequantizeLayer). So the sign trick of :func:`symmetric_codes` (used by the ``nbits`` form, whose
+  MatMulNBits takes any scale) is not used here, and all-zero blocks get SCALE_FLOOR instead of 0.
 """
 
 from __future__ import annotations
@@ -156,20 +161,41 @@ class QDQ:
         return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
+# The smallest scale written for TensorRT: fp16's smallest normal number, so that a scale stays > 0 after the
+# cast to an fp16 graph's scale type (and is not a subnormal that a kernel may flush to zero).
+SCALE_FLOOR = float(np.finfo(np.float16).tiny)          # 2**-14 = 6.1e-5
+
+
+def positive_codes(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric codes (..., bs) and strictly positive scales (...,) of float blocks (..., bs).
+
+    scale = amax / (2^(bits-1) - 0.5) with codes clamped to [-2^(bits-1), 2^(bits-1) - 1]: for INT4, amax / 7.5
+    with codes -8..7. The block's largest magnitude lands on +-7.5 steps: rounded to -8 (exact range) or to
+    +8 and clamped to 7, half a step either way, which is the rounding error every other value has too; the
+    step is 7% finer than amax / 7 with codes -7..7. Scales below SCALE_FLOOR (all-zero or nearly zero
+    blocks) are raised to it; the codes then shrink, so they still fit.
+    """
+    blocks = np.asarray(blocks, np.float32)
+    hi = (1 << (bits - 1)) - 1
+    amax = np.abs(blocks).max(axis=-1)
+    scales = np.maximum(amax / np.float32(hi + 0.5), np.float32(SCALE_FLOOR)).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scales[..., None]), -hi - 1, hi).astype(np.int8)
+    return codes, scales
+
+
 def to_qdq_int4(w: np.ndarray, block_size: int) -> QDQ:
-    """Symmetric INT4 blocked along K for TensorRT; ``w`` is (N, K)."""
+    """Symmetric INT4 blocked along K for TensorRT, every scale > 0; ``w`` is (N, K)."""
     n, k = w.shape
     _check_block(block_size, k, must_divide=True)
-    codes, scales = symmetric_codes(w, 4, block_size)                      # (N, nb, bs), (N, nb)
+    codes, scales = positive_codes(_blocks(np.asarray(w, np.float32), block_size), 4)   # (N, nb, bs), (N, nb)
     return QDQ(4, block_size, codes.reshape(n, k).T.copy(), scales.T.copy())
 
 
 def to_qdq_int8(w: np.ndarray) -> QDQ:
-    """Symmetric INT8 per output channel; ``w`` is (N, K)."""
+    """Symmetric INT8 per output channel, every scale > 0 (amax / 127, codes -127..127); ``w`` is (N, K)."""
     w = np.asarray(w, np.float32)
-    scales = (np.abs(w).max(axis=1) / 127.0).astype(np.float32)            # (N,)
-    safe = np.where(scales == 0, 1.0, scales)
-    codes = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    scales = np.maximum(np.abs(w).max(axis=1) / 127.0, SCALE_FLOOR).astype(np.float32)   # (N,)
+    codes = np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8)
     return QDQ(8, 0, codes.T.copy(), scales)
 
 
