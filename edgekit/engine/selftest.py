@@ -140,9 +140,8 @@ def run_selftest(*, probe=None, trt=None, cuda=None, workdir: str | Path | None 
                            kv_dtype="float32", pool_bytes=POOL_BYTES)
         outcome = build_engine(trt, plan, folder / exported.model_file, folder / plan.engine_file,
                                progress=progress)
-        engine_bytes = (folder / plan.engine_file).read_bytes()
         profiles = {p.name: i for i, p in enumerate(plan.profiles)}
-        ours = TrtDecoder(engine_bytes, spec=spec, capacity=CONTEXT, kv_dtype="float32", max_seq=CHUNK,
+        ours = TrtDecoder(folder / plan.engine_file, spec=spec, capacity=CONTEXT, kv_dtype="float32", max_seq=CHUNK,
                           profiles=profiles, trt=trt, cuda=cuda if cuda is not None else CudaRuntime.load())
         reference = OrtDecoder(str(folder / exported.model_file), dialect="tensorrt", spec=spec, capacity=CONTEXT,
                                kv_dtype="float32", backend="onnxruntime-cpu")
