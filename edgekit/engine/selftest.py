@@ -135,6 +135,10 @@ def run_selftest(*, probe=None, trt=None, cuda=None, workdir: str | Path | None 
             progress("export", 0, 1)
         exported = export_onnx(RandomWeights(spec), spec, folder,
                                GraphOptions(dialect="tensorrt", precision="fp32", max_context=CONTEXT))
+        from ..export.trt_check import require_tensorrt_graph
+
+        require_tensorrt_graph(folder / exported.model_file, spec, tensorrt=str(trt.__version__),
+                               fix="this is an edgekit bug, please report it")     # before any TensorRT call
         plan = engine_plan(spec, _selftest_target(device), precision="fp32", max_context=CONTEXT,
                            inputs=exported.inputs, outputs=exported.outputs, prefill_chunk=CHUNK,
                            kv_dtype="float32", pool_bytes=POOL_BYTES)

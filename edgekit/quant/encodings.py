@@ -24,7 +24,8 @@ Two containers hold the same numbers in different layouts:
   Every scale is > 0: TensorRT's ONNX parser refuses a DequantizeLinear with any scale <= 0 ("Scale
   coefficients must all be positive", onnx-tensorrt onnxOpImporters.cpp QuantDequantLinearHelper; NvInfer.h
   IDequantizeLayer). So the sign trick of :func:`symmetric_codes` (used by the ``nbits`` form, whose
-  MatMulNBits takes any scale) is not used here, and all-zero blocks get SCALE_FLOOR instead of 0.
+  MatMulNBits takes any scale) is not used here: INT4 scales come from a small per-block search
+  (:func:`positive_codes`), and all-zero blocks get SCALE_FLOOR instead of 0.
 """
 
 from __future__ import annotations
@@ -166,20 +167,43 @@ class QDQ:
 SCALE_FLOOR = float(np.finfo(np.float16).tiny)          # 2**-14 = 6.1e-5
 
 
-def positive_codes(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric codes (..., bs) and strictly positive scales (...,) of float blocks (..., bs).
+# INT4 for TensorRT: the candidate divisors d of a block's scale amax / d (codes clamped to -8..7); each block takes
+# the one with the least squared error. Measured on SmolLM2's linears (relative squared error of the weights):
+# 0.0074 with this search, 0.0077 for MatMulNBits' signed-peak / -8 (which needs negative scales), 0.0093 for
+# amax / 8, 0.0100 for amax / 7.5, 0.0105 for amax / 7 (codes -7..7).
+INT4_DIVISORS = tuple(7.0 + 0.25 * i for i in range(9))       # 7, 7.25, ..., 9
+_BLOCKS_PER_CHUNK = 1 << 16                                  # bounds the temporaries (8 MiB) of a large weight
 
-    scale = amax / (2^(bits-1) - 0.5) with codes clamped to [-2^(bits-1), 2^(bits-1) - 1]: for INT4, amax / 7.5
-    with codes -8..7. The block's largest magnitude lands on +-7.5 steps: rounded to -8 (exact range) or to
-    +8 and clamped to 7, half a step either way, which is the rounding error every other value has too; the
-    step is 7% finer than amax / 7 with codes -7..7. Scales below SCALE_FLOOR (all-zero or nearly zero
-    blocks) are raised to it; the codes then shrink, so they still fit.
+
+def positive_codes(blocks: np.ndarray, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT4 codes (..., bs) in -8..7 and strictly positive scales (...,) of float blocks (..., bs).
+
+    Per block, the scale amax / d for the d of INT4_DIVISORS that reconstructs the block with the least squared
+    error: d > 7.5 rounds the largest magnitude to 8 steps (kept when negative, clamped to 7 when positive) in
+    exchange for a finer step. Scales below SCALE_FLOOR (all-zero or nearly zero blocks) are raised to it.
     """
+    if bits != 4:
+        raise ValueError("positive_codes encodes INT4")
     blocks = np.asarray(blocks, np.float32)
-    hi = (1 << (bits - 1)) - 1
-    amax = np.abs(blocks).max(axis=-1)
-    scales = np.maximum(amax / np.float32(hi + 0.5), np.float32(SCALE_FLOOR)).astype(np.float32)
-    codes = np.clip(np.rint(blocks / scales[..., None]), -hi - 1, hi).astype(np.int8)
+    codes = np.empty(blocks.shape, np.int8)
+    scales = np.empty(blocks.shape[:-1], np.float32)
+    flat_b, flat_c, flat_s = blocks.reshape(-1, blocks.shape[-1]), codes.reshape(-1, blocks.shape[-1]), \
+        scales.reshape(-1)
+    for start in range(0, flat_b.shape[0], _BLOCKS_PER_CHUNK):
+        b = flat_b[start:start + _BLOCKS_PER_CHUNK]                        # (blocks, bs)
+        amax = np.abs(b).max(axis=-1)
+        best_err = np.full(amax.shape, np.inf, np.float32)
+        best = np.full(amax.shape, np.float32(SCALE_FLOOR))
+        for d in INT4_DIVISORS:
+            s = np.maximum(amax / np.float32(d), np.float32(SCALE_FLOOR))
+            q = np.clip(np.rint(b / s[:, None]), -8, 7)
+            q *= s[:, None]
+            q -= b
+            err = np.einsum("ij,ij->i", q, q)
+            better = err < best_err
+            best_err[better], best[better] = err[better], s[better]
+        flat_s[start:start + len(b)] = best
+        flat_c[start:start + len(b)] = np.clip(np.rint(b / best[:, None]), -8, 7)
     return codes, scales
 
 
