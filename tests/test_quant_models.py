@@ -27,22 +27,25 @@ def _decode(folder, dialect, spec, ids, steps=8):
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 def test_both_dialects_stay_close_to_fp32_at_low_precision(tiny_qwen2_dir, tmp_path, precision):
     """Symmetric RTN in both graphs, with different rounding: MatMulNBits maps a block's signed peak to -8 (any
-    scale sign), DequantizeLinear for TensorRT needs scales > 0 (amax / 7.5). Each stays as close to the fp32
-    graph as the other (the tiny random model is far more sensitive to INT4 than a trained one); exactness of
-    the tensorrt graph against its own dequantized weights is tests/test_trt_rules.py."""
+    scale sign); DequantizeLinear for TensorRT needs scales > 0 (a per-block least-squares scale) and INT8 per
+    channel instead of blocks of 32. Over six prompts each graph's logits stay as close to the fp32 graph's as
+    the other's (the tiny random model is far more sensitive to INT4 than a trained one). Exactness of the
+    tensorrt graph against its own dequantized weights: tests/test_trt_rules.py."""
     source = resolve(tiny_qwen2_dir)
-    ids = np.random.default_rng(2).integers(0, source.spec.vocab_size, 10)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, source.spec.vocab_size, 10) for _ in range(6)]
     out = {}
     for dialect, codec in (("ort", None), ("ort", QuantCodec("ort", precision, np.float32, accuracy_level=0)),
                            ("tensorrt", QuantCodec("tensorrt", precision, np.float32))):
         folder = tmp_path / f"{dialect}-{codec is None}"
         folder.mkdir()
         export_onnx(open_weights(source), source.spec, folder, GraphOptions(dialect, "fp32", CONTEXT), codec=codec)
-        out["fp32" if codec is None else dialect] = _decode(folder, dialect, source.spec, ids, steps=0)[0][0]
-    floor = 0.9 if precision == "int4" else 0.998        # measured: int4 0.95 / 0.92, int8 0.9998 / 0.9993
-    for dialect in ("ort", "tensorrt"):
-        assert np.corrcoef(out[dialect], out["fp32"])[0, 1] > floor
-        assert out[dialect].argmax() == out["fp32"].argmax()
+        out["fp32" if codec is None else dialect] = np.stack(
+            [_decode(folder, dialect, source.spec, ids, steps=0)[0][0] for ids in prompts])
+    error = {d: np.linalg.norm(out[d] - out["fp32"]) / np.linalg.norm(out["fp32"]) for d in ("ort", "tensorrt")}
+    # measured: int4 0.479 (ort) / 0.486 (tensorrt), int8 0.042 / 0.057 (per channel vs blocks of 32)
+    bound, ratio = (0.6, 1.25) if precision == "int4" else (0.08, 1.6)
+    assert max(error.values()) < bound and error["tensorrt"] < ratio * error["ort"], error
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
