@@ -124,10 +124,14 @@ def check_tensorrt_graph(model_path: Path, spec=None, *, tensorrt: str | None = 
     """
     import onnx
 
+    from ..engine.compat import version_tuple
+
     rules = rules_for(tensorrt)
     model_path = Path(model_path)
     model = onnx.load(str(model_path), load_external_data=False)
-    report = CheckReport(tensorrt=rules.version)
+    named = ".".join(map(str, version_tuple(tensorrt)[:2]))
+    report = CheckReport(tensorrt=rules.version if not tensorrt or named == rules.version else
+                         f"{named} (checked with {rules.version}'s parser rules)")
     bad = report.problems.append
     folder = model_path.parent.resolve()
 
