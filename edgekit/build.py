@@ -163,6 +163,12 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
         with staged_output(output, force=force) as tmp:
             exported, quantization = _export(reader, source, tmp, options, precision, quant, progress,
                                              cache_dir, key, the_plan.weights_bytes)
+            if options.dialect == "tensorrt":     # TensorRT's parser rules, before anything is packaged
+                from .export.trt_check import require_tensorrt_graph
+
+                require_tensorrt_graph(tmp / exported.model_file, spec,
+                                       tensorrt=dict(target.software).get("tensorrt"),
+                                       fix="this is an edgekit bug, please report it")
             special = reader.special_tokens()
             (tmp / "tokenizer.json").write_text(reader.tokenizer_json(), encoding="utf-8")
             template = reader.chat_template()

@@ -83,6 +83,12 @@ class BackendUnavailable(EdgekitError):
     """The requested backend (CUDA, TensorRT) is not usable on this machine."""
 
 
+class GpuStepFailed(GenerationError):
+    """TensorRT or CUDA failed while doing its work (engine build, a decode step): a device failure, exit 1."""
+
+    exit_code = 1
+
+
 class Cancelled(EdgekitError):
     pass
 

@@ -67,8 +67,13 @@ def test_image_contents():
     assert "l4t-jetpack:${L4T_TAG}" in jetson and "L4T_TAG=r36" in jetson
     assert "python3-libnvinfer" in jetson and "onnxruntime-gpu" in jetson and "cuda-python" in jetson
     assert "--no-deps ." in jetson          # edgekit's CPU onnxruntime must not shadow onnxruntime-gpu
+    assert "ORT_INDEX=https://pypi.jetson-ai-lab.io/jp6/cu126" in jetson and "jetson-ai-lab.dev" not in jetson
+    # every numpy requirement of the Jetson image stays below 2 (JetPack's TensorRT and the wheels need 1.x)
+    numpy_specs = re.findall(r'"numpy([^"]*)"', jetson)
+    assert numpy_specs and all("<2" in spec for spec in numpy_specs)
     desktop = " ".join(a for _, a in _instructions("desktop"))
     assert "nvidia/cuda:" in desktop and "tensorrt-cu12>=10" in desktop and "onnxruntime-gpu" in desktop
+    assert "CUDA_TAG=12.6.3-cudnn-runtime-ubuntu22.04" in desktop     # cuDNN 9 for onnxruntime's CUDA provider
     cpu = _instructions("cpu")
     assert ("USER", "1000") in cpu and "tensorrt" not in " ".join(a for _, a in cpu)
 

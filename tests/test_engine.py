@@ -23,7 +23,8 @@ from edgekit.engine import builder as eb  # noqa: E402
 from edgekit.engine import compat  # noqa: E402
 from edgekit.engine.plan import (POOL_CAP, build_profiles, contract_io, engine_plan, plan_for_manifest,  # noqa: E402
                                  pool_limit, profile_ranges)
-from edgekit.errors import BackendUnavailable, BundleError, DoesNotFit, GenerationError  # noqa: E402
+from edgekit.errors import (BackendUnavailable, BudgetExceeded, BundleError, DoesNotFit, GenerationError,  # noqa: E402
+                            GpuStepFailed)
 from edgekit.gpu import probe as gp  # noqa: E402
 from edgekit.plan import plan as memory_plan  # noqa: E402
 from edgekit.runtime.bundle import hash_file, read_manifest, verify, write_manifest  # noqa: E402
@@ -129,8 +130,10 @@ def test_versions():
     assert compat.version_tuple("10.3.0.30") == (10, 3, 0, 30)
     assert compat.version_tuple("10.3.0.post1") == (10, 3, 0)
     assert compat.same_tensorrt("10.3.0.30", "10.3.0") and not compat.same_tensorrt("10.3.0", "10.4.0")
+    assert compat.same_tensorrt("10.3.0.30", "10.3.0.30") and not compat.same_tensorrt("10.3.0.30", "10.3.0.26")
+    assert not compat.same_tensorrt("10.3", "10.3.1.5")                  # major.minor alone says too little
     assert not compat.same_tensorrt(None, "10.3.0")
-    with pytest.raises(BackendUnavailable, match="too old"):
+    with pytest.raises(BackendUnavailable, match=r"too old.*JetPack 6\.1 or newer; JetPack 6\.0 ships TensorRT 8\.6"):
         compat.check_tensorrt_version("8.6.2")
     with pytest.raises(BackendUnavailable, match="not installed"):
         compat.check_tensorrt_version(None)
@@ -218,9 +221,11 @@ def test_builder_calls_follow_the_tensorrt_10_api(trt_bundles, tmp_path):
 
 def test_builder_failures_are_one_line(trt_bundles, tmp_path):
     m, plan = _tiny_plan(trt_bundles["fp16"])
-    with pytest.raises(BackendUnavailable, match=r"cannot parse model.onnx: In node 3 .*fake error 0 \(2 error"):
+    # TensorRT failing after edgekit's checker passed is a device/tool failure: exit 1, not 2 ("bad input")
+    with pytest.raises(GpuStepFailed, match=r"cannot parse model.onnx: In node 3 .*fake error 0 \(2 error") as e:
         eb.build_engine(standin.make_trt(parse_ok=False), plan, m.path("model.onnx"), tmp_path / "e")
-    with pytest.raises(BackendUnavailable, match="could not build the engine"):
+    assert e.value.exit_code == 1
+    with pytest.raises(GpuStepFailed, match="could not build the engine"):
         eb.build_engine(standin.make_trt(build_ok=False), plan, m.path("model.onnx"), tmp_path / "e")
     assert not (tmp_path / "e").exists()
     missing = dataclasses.replace(plan, profiles=tuple(dataclasses.replace(
@@ -331,9 +336,18 @@ def test_open_engine_decoder_refusals(trt_bundles, copy_bundle):
         open_engine_decoder(m, capacity=64, probe=gp.DriverProbe("no-driver", "no driver (libcuda.so.1 not found)"))
     with pytest.raises(GenerationError, match="max_context 65"):
         open_engine_decoder(m, capacity=65, probe=standin.gpu_probe(), trt=standin.make_trt())
+    # On a Jetson (this bundle's target) cudaMemGetInfo misses reclaimable memory: it is not asked; the load-time
+    # MemAvailable budget check covers the unified memory. A discrete GPU is refused before any allocation.
     cuda = standin.FakeCuda(free=1024)
-    with pytest.raises(Exception, match="load with a smaller max_context"):
-        open_engine_decoder(m, capacity=64, probe=standin.gpu_probe(), trt=standin.make_trt(cuda=cuda), cuda=cuda)
+    dec = open_engine_decoder(m, capacity=64, probe=standin.gpu_probe(), trt=standin.make_trt(cuda=cuda), cuda=cuda)
+    assert dec._unified and ("malloc", dec.layout.buffer_bytes) in cuda.calls
+    dec.close()
+    cuda = standin.FakeCuda(free=1024)
+    with pytest.raises(BudgetExceeded, match="GPU has 0 MiB free: load with a smaller max_context"):
+        TrtDecoder(m.path("model.engine"), spec=m.spec(), capacity=64, kv_dtype="float16", max_seq=8,
+                   profiles={"prefill": 0, "decode": 1}, trt=standin.make_trt(cuda=cuda), cuda=cuda,
+                   unified_memory=False)
+    assert not [c for c in cuda.calls if c[0] == "malloc"]
 
 
 def test_cuda_runtime_wrapper_against_a_recording_cudart():
@@ -396,11 +410,20 @@ def _r1_manifest_bundle(r1_15b, source: Path, folder: Path) -> Path:
     return folder
 
 
-def test_engine_dry_run_prints_the_plan(r1_15b, trt_bundles, tmp_path):
+def test_engine_dry_run_prints_the_plan(r1_15b, trt_bundles, tmp_path, monkeypatch):
+    from edgekit.export.trt_check import CheckReport
+
     bundle = _r1_manifest_bundle(r1_15b, trt_bundles["fp16"], tmp_path / "r1-1.5b-int4")
+    # an R1 manifest over the tiny graph: its contract check would fail (tests/test_trt_engine.py runs it for real)
+    checked = []
+    monkeypatch.setattr(eb, "check_bundle_graph",
+                        lambda m, t: checked.append(t.name) or CheckReport(quantized={"int4": 112, "int8": 2}))
     result = CliRunner().invoke(cli, ["engine", str(bundle), "--dry-run"])
     assert result.exit_code == 0, result.output
     out = result.output
+    assert checked == ["orin-nano-8gb"]
+    assert "graph        passes TensorRT 10.3's parser rules (edgekit's checker; quantized weights: 112 INT4, " \
+           "2 INT8)" in out
     assert "DeepSeek-R1-Distill-Qwen-1.5B: int4, KV cache float16, 28 layers" in out
     assert "orin-nano-8gb (SM 8.7)" in out and "4096 tokens, prefill chunk 256" in out
     assert "profile 0    prefill: seq 1..256 (opt 256), past_seq 0..4095 (opt 256), 57 dynamic inputs" in out

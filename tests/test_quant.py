@@ -61,13 +61,45 @@ def test_nbits_matches_reference(bits, bs, shape):
     assert (err <= step + 1e-6).all() and (err <= step * 0.5 + 1e-6).mean() > 0.95
 
 
+def ref_positive(w, bs):
+    """TensorRT's INT4, element by element: per block, of the scales max(amax / d, 2^-14) for d = 7, 7.25, .. 9
+    (all > 0), the one whose codes clip(round(v / s), -8, 7) reconstruct the block with the least squared error."""
+    n, k = w.shape
+    codes = np.zeros((n, k), np.int64)
+    scales = np.zeros((n, k // bs), np.float32)
+    for r in range(n):
+        for j in range(k // bs):
+            block = [np.float32(v) for v in w[r, j * bs:(j + 1) * bs]]
+            amax = np.float32(max(abs(float(v)) for v in block))
+            best = None
+            for i in range(9):
+                s = max(amax / np.float32(7 + 0.25 * i), np.float32(2.0 ** -14))
+                cs = [min(7, max(-8, int(np.rint(v / s)))) for v in block]
+                err = sum(float(c * s - v) ** 2 for c, v in zip(cs, block))
+                if best is None or err < best[0] - 1e-12:
+                    best = (err, s, cs)
+            scales[r, j] = best[1]
+            codes[r, j * bs:(j + 1) * bs] = best[2]
+    return codes, scales
+
+
 def test_qdq_int4_packing_is_onnx_int4():
     from onnx import TensorProto, helper, numpy_helper
 
     w = rng.standard_normal((6, 64)).astype(np.float32)                # (N, K)
+    w[2, 32:] = 0                                                      # an all-zero block: the floor, not 0
     enc = to_qdq_int4(w, 32)
-    codes, scales = ref_symmetric(w, 4, 32)
+    codes, scales = ref_positive(w, 32)
     assert np.array_equal(enc.values, codes.T) and np.array_equal(enc.scales, scales.T)
+    assert (enc.scales > 0).all() and enc.scales[1, 2] == np.float32(2.0 ** -14)
+    # never worse than a fixed amax / 7.5 (one of the candidates), and better than amax / 7 overall
+    fixed = {}
+    for d in (7.5, 7.0):
+        s = np.repeat(np.maximum(np.abs(w.reshape(6, 2, 32)).max(-1) / d, 2.0 ** -14), 32, axis=1)
+        fixed[d] = np.clip(np.rint(w / s), -8, 7) * s
+    err = ((enc.dequantize().T - w) ** 2).reshape(6, 2, 32).sum(-1)
+    assert (err <= ((fixed[7.5] - w) ** 2).reshape(6, 2, 32).sum(-1) + 1e-6).all()
+    assert err.sum() < ((fixed[7.0] - w) ** 2).sum()
     # onnx's own INT4 packing of the same signed values must give the same bytes
     tensor = helper.make_tensor("w", TensorProto.INT4, enc.values.shape, enc.values.reshape(-1).tolist())
     assert numpy_helper.to_array(tensor).tolist() == enc.values.tolist()
@@ -78,9 +110,10 @@ def test_qdq_int4_packing_is_onnx_int4():
 
 def test_qdq_int8_per_channel():
     w = rng.standard_normal((5, 40)).astype(np.float32)
+    w[3] = 0                                                           # an all-zero row: the floor, not 0
     enc = to_qdq_int8(w)
-    scales = np.abs(w).max(axis=1) / 127
-    assert np.allclose(enc.scales, scales)
+    scales = np.maximum(np.abs(w).max(axis=1) / 127, 2.0 ** -14)
+    assert np.allclose(enc.scales, scales) and (enc.scales > 0).all()
     assert np.array_equal(enc.values, np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8).T)
 
 
@@ -171,11 +204,28 @@ def test_gguf_blocks_are_carried_over_exactly(qtype, bits):
     assert np.abs(y - x @ deq.T).max() < 1e-3 * np.abs(x @ deq.T).max()
 
 
-def test_q4_0_maps_to_tensorrt_int4_exactly():
+def test_q4_0_maps_to_tensorrt_int4_with_positive_scales():
+    """llama.cpp's Q4_0 maps a block's peak to code -8, so d < 0 for every block whose peak is positive. Blocks
+    with d > 0 or (d < 0 without a -8 code: negated) stay exact; d < 0 with a -8 code is re-quantized."""
     raw, deq = _gguf_blocks("Q4_0", 4, 128)
-    enc = qdq_int4_from_q4_0(raw, deq)
-    assert enc.values.min() >= -8 and enc.values.max() <= 7
-    assert np.allclose(enc.dequantize().T, deq, rtol=1e-6, atol=1e-7)
+    raw[0, 1, :2] = np.array([0.0], np.float16).view(np.uint8)                 # a block with d = 0 (all zero)
+    raw[1, 2, :2] = (-np.abs(np.frombuffer(raw[1, 2, :2].tobytes(), np.float16))).view(np.uint8)  # d < 0
+    raw[1, 2, 2:] = (raw[1, 2, 2:] & 0xEE) | 0x11                              # ...and keep its codes off -8
+    from gguf import GGMLQuantizationType, quants
+
+    deq = quants.dequantize(raw.reshape(4, -1), GGMLQuantizationType.Q4_0).reshape(4, 128)
+    enc, counts = qdq_int4_from_q4_0(raw, deq)
+    d = np.frombuffer(np.ascontiguousarray(raw[..., :2]).tobytes(), np.float16).reshape(4, 4).astype(np.float32)
+    assert (enc.scales > 0).all() and enc.values.min() >= -8 and enc.values.max() <= 7
+    assert counts["negated"] >= 1 and counts["requantized"] >= 1 and sum(counts.values()) == 16
+    got = enc.dequantize().T.reshape(4, 4, 32)
+    want = deq.reshape(4, 4, 32)
+    requantized = (d < 0) & (np.abs(want / np.where(d == 0, 1, d)[..., None] + 8) < 1e-3).any(-1)
+    assert requantized.sum() == counts["requantized"]
+    assert np.allclose(got[~requantized], want[~requantized], rtol=1e-6, atol=1e-7)       # exact blocks
+    s = np.maximum(np.abs(want).max(-1) / 7.5, 2.0 ** -14)[..., None]                  # a fixed amax / 7.5
+    fixed_err = ((np.clip(np.rint(want / s), -8, 7) * s - want) ** 2).sum(-1)
+    assert (((got - want) ** 2).sum(-1)[requantized] <= fixed_err[requantized] + 1e-6).all()
 
 
 def test_asymmetric_blocks_have_no_exact_tensorrt_form():

@@ -25,24 +25,27 @@ def _decode(folder, dialect, spec, ids, steps=8):
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_both_dialects_agree_at_low_precision(tiny_qwen2_dir, tmp_path, precision):
-    """Same rounding (symmetric RTN, block 32) in MatMulNBits and in DequantizeLinear: same model, two graphs."""
+def test_both_dialects_stay_close_to_fp32_at_low_precision(tiny_qwen2_dir, tmp_path, precision):
+    """Symmetric RTN in both graphs, with different rounding: MatMulNBits maps a block's signed peak to -8 (any
+    scale sign); DequantizeLinear for TensorRT needs scales > 0 (a per-block least-squares scale) and INT8 per
+    channel instead of blocks of 32. Over six prompts each graph's logits stay as close to the fp32 graph's as
+    the other's (the tiny random model is far more sensitive to INT4 than a trained one). Exactness of the
+    tensorrt graph against its own dequantized weights: tests/test_trt_rules.py."""
     source = resolve(tiny_qwen2_dir)
-    ids = np.random.default_rng(2).integers(0, source.spec.vocab_size, 10)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, source.spec.vocab_size, 10) for _ in range(6)]
     out = {}
-    for dialect in ("ort", "tensorrt"):
-        folder = tmp_path / dialect
+    for dialect, codec in (("ort", None), ("ort", QuantCodec("ort", precision, np.float32, accuracy_level=0)),
+                           ("tensorrt", QuantCodec("tensorrt", precision, np.float32))):
+        folder = tmp_path / f"{dialect}-{codec is None}"
         folder.mkdir()
-        codec = QuantCodec(dialect, precision, np.float32, accuracy_level=0)
         export_onnx(open_weights(source), source.spec, folder, GraphOptions(dialect, "fp32", CONTEXT), codec=codec)
-        out[dialect] = _decode(folder, dialect, source.spec, ids)
-    logits_ort, tokens_ort = out["ort"]
-    logits_trt, tokens_trt = out["tensorrt"]
-    # The prompt's logits: identical INT4 codes in both (INT8 linears: blocks of 32 vs per channel), the INT8
-    # embedding/LM head in blocks (ort) vs per row (tensorrt). Later rows follow each graph's own greedy tokens.
-    assert np.abs(logits_ort[0] - logits_trt[0]).max() < 0.1 * np.abs(logits_ort[0]).max()
-    assert tokens_ort[:2] == tokens_trt[:2]
-    assert np.corrcoef(logits_ort[0], logits_trt[0])[0, 1] > 0.99
+        out["fp32" if codec is None else dialect] = np.stack(
+            [_decode(folder, dialect, source.spec, ids, steps=0)[0][0] for ids in prompts])
+    error = {d: np.linalg.norm(out[d] - out["fp32"]) / np.linalg.norm(out["fp32"]) for d in ("ort", "tensorrt")}
+    # measured: int4 0.479 (ort) / 0.486 (tensorrt), int8 0.042 / 0.057 (per channel vs blocks of 32)
+    bound, ratio = (0.6, 1.25) if precision == "int4" else (0.08, 1.6)
+    assert max(error.values()) < bound and error["tensorrt"] < ratio * error["ort"], error
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
@@ -81,12 +84,13 @@ def test_tensorrt_checker_catches_asymmetric_and_unblocked_int4(tiny_llama_dir, 
             a.i = 0
     zp = helper.make_tensor("zp_bad", TensorProto.INT4, [1], [3])
     model.graph.initializer.append(zp)
-    dq.input.append("zp_bad")
+    other = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and "layers.0.o" in n.name)
+    other.input.append("zp_bad")
     bad = tmp_path / "b" / "bad.onnx"
     onnx.save(model, str(bad))
     problems = check_tensorrt_graph(bad).problems
-    assert any("block_size > 0" in p for p in problems)
-    assert any("zero point is not zero" in p for p in problems)
+    assert any("layers.0.qkv" in p and "block_size 0 does not match" in p for p in problems)
+    assert any("layers.0.o/" in p and "zero point is not all zeros" in p for p in problems)
 
 
 def test_block_size_that_does_not_divide_k_is_refused_before_work(tiny_qwen2_dir, tmp_path):
@@ -152,7 +156,8 @@ def test_int4_lm_head_option(tiny_llama_dir, tmp_path):
           quant=QuantOptions(method="rtn", head_bits=4))
     report = check_tensorrt_graph(tmp_path / "trt" / "model.onnx", spec)
     assert report.ok, report.problems
-    assert report.quantized == {"int4": 4 * spec.num_layers + 1}     # the embedding is read by Gather, not DQ
+    # the LM head INT4; the embedding's INT8 table is dequantized, then gathered
+    assert report.quantized == {"int4": 4 * spec.num_layers + 1, "int8": 1}
     result = build(tiny_llama_dir, load_target("cpu"), output=tmp_path / "cpu", precision="int4", context=CONTEXT,
                    quant=QuantOptions(method="rtn", head_bits=4))
     assert "LM head int4" in result.manifest["quantization"]["embedding_and_lm_head"]

@@ -138,18 +138,22 @@ def engine_cmd(bundle: str, dry_run: bool, timing_cache: str | None, as_json: bo
     Run it on the device (or one with the same GPU and TensorRT): engines are not portable across GPU
     architectures or TensorRT versions.
     """
-    from ..engine.builder import build_bundle_engine, bundle_plan, import_tensorrt
+    from ..engine.builder import build_bundle_engine, bundle_plan, check_bundle_graph, import_tensorrt
     from ..engine.compat import check_build
     from ..gpu.probe import probe_driver
     from ..target import list_targets
 
     manifest, target, plan = bundle_plan(bundle)
+    report = check_bundle_graph(manifest, target)      # TensorRT's parser rules, before any TensorRT call
     if dry_run:
         if as_json:
             echo_json(plan.to_dict())
         else:
             for line in _plan_lines(plan, bundle):
                 click.echo(line)
+            quantized = ", ".join(f"{n} {k.upper()}" for k, n in sorted(report.quantized.items())) or "none"
+            click.echo(f"graph        passes TensorRT {report.tensorrt}'s parser rules (edgekit's checker; "
+                       f"quantized weights: {quantized})")
         return
     probe = probe_driver()
     here = {d.sm for d in probe.devices}

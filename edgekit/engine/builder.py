@@ -9,6 +9,7 @@ order::
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser  = trt.OnnxParser(network, logger); parser.parse_from_file(model.onnx)   # finds model.onnx.data
+              (edgekit.export.trt_check has checked model.onnx against this TensorRT's parser rules first)
     config  = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_pool_bytes)
     per profile: p = builder.create_optimization_profile(); p.set_shape(name, min, opt, max) for every
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import BackendUnavailable, BundleError
+from ..errors import BackendUnavailable, BundleError, GpuStepFailed
 from .plan import EnginePlan
 
 Progress = Callable[[str, int, int], None]    # (phase, steps done, steps in the phase)
@@ -140,9 +141,10 @@ def build_engine(trt, plan: EnginePlan, onnx_path: str | os.PathLike, engine_pat
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         first = errors[0].splitlines()[0][:300] if errors else "no error message"
-        raise BackendUnavailable(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {first} "
-                                 f"({len(errors)} error(s)): check that this TensorRT supports the graph's opset "
-                                 "and types, or rebuild the bundle with this edgekit")
+        # edgekit's checker (export/trt_check.py) passed before this call: TensorRT disagreeing is a tool failure
+        raise GpuStepFailed(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {first} "
+                            f"({len(errors)} error(s)): check that this TensorRT supports the graph's opset "
+                            "and types, or rebuild the bundle with this edgekit")
 
     dynamic = _dynamic_inputs(network)
     for profile in plan.profiles:
@@ -185,7 +187,7 @@ def build_engine(trt, plan: EnginePlan, onnx_path: str | os.PathLike, engine_pat
     if serialized is None:
         if cancel is not None and cancel.is_set():
             raise BackendUnavailable("the engine build was cancelled")
-        raise BackendUnavailable(
+        raise GpuStepFailed(
             f"TensorRT {trt.__version__} could not build the engine (its messages above say why): a build that "
             f"runs out of memory needs a smaller workspace pool ({plan.workspace_pool_bytes // 2**20} MiB now) "
             "or a shorter --context")
@@ -200,6 +202,20 @@ def build_engine(trt, plan: EnginePlan, onnx_path: str | os.PathLike, engine_pat
 
 
 # ----- a bundle -------------------------------------------------------------------------------------------
+def check_bundle_graph(manifest, target) -> Any:
+    """TensorRT's parser rules (:mod:`edgekit.export.trt_check`) for the version ``target`` names, applied to
+    the bundle's graph before any TensorRT call; BundleError (one line: node, rule, source) when one fails."""
+    try:
+        from ..export.trt_check import require_tensorrt_graph
+    except ImportError as e:
+        raise BackendUnavailable(f"edgekit engine checks the graph with the onnx package ({e.name} is missing): "
+                                 "pip install onnx") from None
+    return require_tensorrt_graph(manifest.path(manifest.graph["file"]), manifest.spec(),
+                                  tensorrt=dict(target.software).get("tensorrt"),
+                                  fix=f"rebuild the bundle with this edgekit (edgekit build MODEL --target "
+                                      f"{target.name})")
+
+
 def bundle_plan(bundle: str | os.PathLike) -> tuple[Any, Any, EnginePlan]:
     """(manifest, target, plan) of a bundle, reading nothing but its manifest (``--dry-run``)."""
     from ..runtime.bundle import read_manifest
@@ -233,6 +249,7 @@ def build_bundle_engine(bundle: str | os.PathLike, *, trt, probe, timing_cache: 
     if progress:
         progress("verifying the bundle", 0, 1)
     verify(bundle, weights=verify_weights).raise_for_problems()
+    check_bundle_graph(manifest, target)
 
     folder = Path(bundle)
     graph = manifest.graph

@@ -33,9 +33,13 @@ def version_tuple(text: str | None) -> tuple[int, ...]:
 
 
 def same_tensorrt(a: str | None, b: str | None) -> bool:
-    """Whether an engine built by TensorRT ``a`` loads in TensorRT ``b``: the same major.minor.patch."""
+    """Whether an engine built by TensorRT ``a`` loads in TensorRT ``b``: the same version in all four parts
+    (major.minor.patch.build, e.g. 10.3.0.30): a plan file is only guaranteed to load in the TensorRT build
+    that wrote it (engines built without version compatibility). When one side reports fewer parts (a
+    version string without the build), the parts both have must agree, at least major.minor.patch."""
     ta, tb = version_tuple(a), version_tuple(b)
-    return len(ta) >= 2 and len(tb) >= 2 and ta[:3] == tb[:3]
+    common = min(len(ta), len(tb))
+    return common >= 3 and ta[:common] == tb[:common]
 
 
 def check_tensorrt_version(version: str | None) -> str:
@@ -44,7 +48,8 @@ def check_tensorrt_version(version: str | None) -> str:
         raise BackendUnavailable(f"TensorRT is not installed: {TRT_INSTALL}")
     if version_tuple(version)[:2] < MIN_TENSORRT:
         raise BackendUnavailable(f"TensorRT {version} is too old: edgekit uses the TensorRT 10 API; upgrade to "
-                                 "TensorRT 10 or newer (on Jetson: JetPack 6)")
+                                 "TensorRT 10 or newer (on Jetson: JetPack 6.1 or newer; JetPack 6.0 ships "
+                                 "TensorRT 8.6)")
     return version
 
 

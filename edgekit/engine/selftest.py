@@ -135,14 +135,17 @@ def run_selftest(*, probe=None, trt=None, cuda=None, workdir: str | Path | None 
             progress("export", 0, 1)
         exported = export_onnx(RandomWeights(spec), spec, folder,
                                GraphOptions(dialect="tensorrt", precision="fp32", max_context=CONTEXT))
+        from ..export.trt_check import require_tensorrt_graph
+
+        require_tensorrt_graph(folder / exported.model_file, spec, tensorrt=str(trt.__version__),
+                               fix="this is an edgekit bug, please report it")     # before any TensorRT call
         plan = engine_plan(spec, _selftest_target(device), precision="fp32", max_context=CONTEXT,
                            inputs=exported.inputs, outputs=exported.outputs, prefill_chunk=CHUNK,
                            kv_dtype="float32", pool_bytes=POOL_BYTES)
         outcome = build_engine(trt, plan, folder / exported.model_file, folder / plan.engine_file,
                                progress=progress)
-        engine_bytes = (folder / plan.engine_file).read_bytes()
         profiles = {p.name: i for i, p in enumerate(plan.profiles)}
-        ours = TrtDecoder(engine_bytes, spec=spec, capacity=CONTEXT, kv_dtype="float32", max_seq=CHUNK,
+        ours = TrtDecoder(folder / plan.engine_file, spec=spec, capacity=CONTEXT, kv_dtype="float32", max_seq=CHUNK,
                           profiles=profiles, trt=trt, cuda=cuda if cuda is not None else CudaRuntime.load())
         reference = OrtDecoder(str(folder / exported.model_file), dialect="tensorrt", spec=spec, capacity=CONTEXT,
                                kv_dtype="float32", backend="onnxruntime-cpu")

@@ -15,8 +15,13 @@
 
     W int4 (K, N) ─DequantizeLinear(axis 0, block_size)─> (K, N) ─MatMul─> y    INT4 linears
     W int8 (K, N) ─DequantizeLinear(axis 1)─> (K, N) ─MatMul─> y                 INT8 linears
-    E int8 (V, H) ─DequantizeLinear(axis 0)─> (V, H) ─Gemm(transB)─> logits      LM head (per row)
-    ids ─Gather(E)─> (B,S,H) int8 ─Cast─ * Gather(scales) ─> (B,S,H)             embedding
+    E int8 (V, H) ─DequantizeLinear(axis 0)─> (V, H) float ─┬─Gather(ids)─> (B,S,H)    embedding
+                                                              └─Gemm(transB)─> logits  LM head (tied: the same DQ)
+
+  Every scale is > 0 and INT4/INT8 initializers feed only DequantizeLinear: TensorRT refuses anything else
+  ("Int8 constant is only allowed before DQ node"; onnx-tensorrt docs/operators.md lists no INT8 for Gather or
+  Cast). DequantizeLinear -> Gather is the form NVIDIA's ModelOpt writes for quantized embeddings; the bundle
+  stores the same bytes as a Gather of INT8 rows would.
 
 What each weight becomes is decided from its source type and shape alone (:meth:`QuantCodec.form_of`), and
 the bytes of each form are counted by :func:`form_bytes`: the planner (:mod:`edgekit.quant.sizes`) and the
@@ -56,9 +61,13 @@ class QuantStats:
     lossless: Counter = field(default_factory=Counter)        # GGUF type -> tensors carried over exactly
     requantized: Counter = field(default_factory=Counter)     # reason -> tensors quantized from floats
     bytes: int = 0
+    trt_q4_0_blocks: Counter = field(default_factory=Counter)  # tensorrt: Q4_0 blocks exact / negated / requantized
 
     def to_dict(self) -> dict:
-        return {"lossless": dict(self.lossless), "requantized": dict(self.requantized)}
+        out = {"lossless": dict(self.lossless), "requantized": dict(self.requantized)}
+        if self.trt_q4_0_blocks:
+            out["tensorrt_q4_0_blocks"] = dict(self.trt_q4_0_blocks)
+        return out
 
 
 class QuantCodec(FormPolicy):
@@ -267,16 +276,25 @@ class QuantCodec(FormPolicy):
         return self._qdq_node(b, x, name, enc)
 
     def _lossless_qdq(self, parts) -> QDQ | None:
-        encs = []
+        encs, blocks = [], {"exact": 0, "negated": 0, "requantized": 0}
         for canonical, layer in parts:
             raw = self._raw(canonical, layer)
             if raw is None or not self._trt_carries(raw[0]):
                 return None
-            enc = qdq_int4_from_q4_0(raw[1])
-            if enc is None:
+            found = qdq_int4_from_q4_0(raw[1])
+            if found is None:
                 return None
-            encs.append(enc)
-        self.stats.lossless["Q4_0"] += len(encs)
+            encs.append(found[0])
+            for key, count in found[1].items():
+                blocks[key] += count
+        # TensorRT needs positive scales: a Q4_0 block with d < 0 is carried negated, or re-quantized when its
+        # -8 code cannot be negated (see qdq_int4_from_q4_0); the manifest counts both.
+        for key, count in blocks.items():
+            self.stats.trt_q4_0_blocks[key] += count
+        if blocks["requantized"]:
+            self.stats.requantized["Q4_0 with d < 0 and code -8: those blocks re-quantized for TensorRT"] += len(encs)
+        else:
+            self.stats.lossless["Q4_0"] += len(encs)
         return QDQ(4, 32, np.concatenate([e.values for e in encs], axis=1),
                    np.concatenate([e.scales for e in encs], axis=1))
 
@@ -294,18 +312,25 @@ class QuantCodec(FormPolicy):
                 self.stats.requantized["round-to-nearest from floats"] += 1
             self._check(form, enc.nbytes, enc.n, enc.k)
             return {"enc": enc, "blob": b.weight(f"{name}.qweight", enc.blob)}
-        encs = [to_qdq_int8(w) for w in self._float_rows(canonical, weight)]   # (H, rows) codes, (rows,) scales
+        encs = [to_qdq_int8(w) for w in self._float_rows(canonical, weight)]   # (H, rows) codes, (rows,) scales > 0
         self.stats.requantized["symmetric round-to-nearest for TensorRT" if self.dialect == "tensorrt" else
                                "round-to-nearest from floats"] += 1
         codes = np.concatenate([e.values.T for e in encs])              # (V, H): rows are tokens
         scales = np.concatenate([e.scales for e in encs])
-        return {"codes": b.weight(f"{name}.qweight", codes), "scales": b.weight(f"{name}.scales",
-                                                                                  scales.astype(self.dtype))}
+        t = {"codes": b.weight(f"{name}.qweight", codes), "scales": b.weight(f"{name}.scales",
+                                                                               scales.astype(self.dtype))}
+        if self.dialect == "tensorrt":
+            # INT8 may only feed DequantizeLinear in TensorRT (module docstring): dequantize the whole table
+            # once, and let Gather (embedding) and Gemm (LM head) read the float result.
+            t["table"] = b.op("DequantizeLinear", t["codes"], t["scales"], axis=0, name=f"{name}/Dequantize")
+        return t
 
     def embedding(self, b, ids: str, weight, tied: bool = False) -> str:
         t = self._embed = self._table(b, weight, "embed", "embed.weight", "embedding", tied)
         if "enc" in t:
             return self._gather_rows(b, ids, t["enc"], t["blob"])
+        if "table" in t:                                                                     # tensorrt
+            return b.op("Gather", t["table"], ids, axis=0, name="embed/Gather")              # (B, S, H) float
         codes = b.op("Gather", t["codes"], ids, axis=0, name="embed/GatherCodes")            # (B, S, H) int8
         scales = b.op("Unsqueeze", t["scales"], b.const([1]), name="embed/ScaleCol")         # (V, 1)
         scale = b.op("Gather", scales, ids, axis=0, name="embed/GatherScales")               # (B, S, 1)
@@ -349,7 +374,8 @@ class QuantCodec(FormPolicy):
             return b.op("MatMulNBits", flat, t["blob"], scales, domain="com.microsoft", K=enc.k, N=enc.n,
                         bits=enc.bits, block_size=enc.block_size, accuracy_level=self.head_accuracy_level,
                         name="lm_head/MatMulNBits")
-        deq = b.op("DequantizeLinear", t["codes"], t["scales"], axis=0, name="lm_head/Dequantize")  # (V, H)
+        deq = t.get("table") or b.op("DequantizeLinear", t["codes"], t["scales"], axis=0,
+                                     name="lm_head/Dequantize")                                     # (V, H)
         return b.op("Gemm", flat, deq, transB=1, name="lm_head/Gemm")
 
     def _int4_head(self, b, flat: str, weight) -> str:

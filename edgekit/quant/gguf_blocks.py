@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .encodings import QDQ, Factor, NBits, pack_codes, unpack_codes
+from .encodings import QDQ, SCALE_FLOOR, Factor, NBits, pack_codes, positive_codes, unpack_codes
 
 # qtype -> (bits of the MatMulNBits encoding, its block size)
 LOSSLESS = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32), "Q5_0": (8, 32), "Q8_0": (8, 32), "Q6_K": (8, 16)}
@@ -134,11 +134,34 @@ def nbits_from_gguf(qtype: str, raw: np.ndarray, dequantized: np.ndarray | None 
     return enc if ok else None
 
 
-def qdq_int4_from_q4_0(raw: np.ndarray, dequantized: np.ndarray | None = None) -> QDQ | None:
-    """TensorRT's symmetric INT4 from Q4_0 (the one GGUF format it can carry exactly)."""
+def qdq_int4_from_q4_0(raw: np.ndarray, dequantized: np.ndarray | None = None
+                       ) -> tuple[QDQ, dict[str, int]] | None:
+    """TensorRT's symmetric INT4 from Q4_0 (the one GGUF format it can carry), with every scale > 0.
+
+    Q4_0 stores w = d * c with c in -8..7 and a signed d (llama.cpp maps a block's peak to -8, so d < 0 when
+    the peak is positive). TensorRT refuses scales <= 0 (onnx-tensorrt QuantDequantLinearHelper), so block by
+    block: d > 0 is carried as is; d < 0 becomes (-d, -c) when no code is -8 (exact, since -c then fits
+    -7..8 minus 8); a block with d < 0 and a -8 code, whose -c = +8 does not fit INT4, is re-quantized from
+    its dequantized values (:func:`positive_codes`); d = 0 (all zero) gets SCALE_FLOOR and zero codes.
+    Returns the encoding and block counts {"exact", "negated", "requantized"}, or None when the file's
+    blocks do not reproduce ``dequantized``.
+    """
     enc = nbits_from_gguf("Q4_0", raw, dequantized)
     if enc is None:
         return None
-    n, k = enc.n, enc.k
-    codes = unpack_codes(enc.blob, 4).reshape(n, k).astype(np.int16) - 8       # signed, (N, K)
-    return QDQ(4, 32, codes.astype(np.int8).T.copy(), enc.scales.T.copy())
+    if dequantized is None:
+        dequantized = enc.dequantize()
+    n, k = dequantized.shape
+    codes = unpack_codes(enc.blob, 4).reshape(n, -1, 32).astype(np.int8) - 8   # signed, (N, nb, 32)
+    d = enc.scales.astype(np.float32)                                          # (N, nb), signed
+    negative = d < 0
+    has_min = (codes == -8).any(axis=-1)
+    requant = negative & has_min
+    flip = negative & ~has_min
+    codes = np.where(flip[..., None], -codes, np.where((d == 0)[..., None], np.int8(0), codes))
+    scales = np.where(flip, -d, np.where(d == 0, np.float32(SCALE_FLOOR), d)).astype(np.float32)
+    if requant.any():
+        rq_codes, rq_scales = positive_codes(dequantized.reshape(n, -1, 32)[requant], 4)
+        codes[requant], scales[requant] = rq_codes, rq_scales
+    counts = {"exact": int((~negative).sum()), "negated": int(flip.sum()), "requantized": int(requant.sum())}
+    return QDQ(4, 32, codes.reshape(n, k).T.copy(), scales.T.copy()), counts

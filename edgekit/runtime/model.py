@@ -111,7 +111,12 @@ class Model:
         return len(self.codec.encode(text, add_special_tokens=not templated))
 
     def close(self) -> None:
-        self.decoder = None
+        """Release the decoder now: the TensorRT backend frees its GPU buffers and stream (onnxruntime's session
+        goes with its last reference). The Model cannot generate afterwards."""
+        decoder, self.decoder = self.decoder, None
+        close = getattr(decoder, "close", None)
+        if close is not None:
+            close()
 
 
 def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: int | str | None = None,

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, BudgetExceeded, BundleError, GenerationError
+from ..errors import BackendUnavailable, BudgetExceeded, BundleError, GenerationError, GpuStepFailed
 
 ALIGNMENT = 256           # bytes; the alignment cudaMalloc gives and TensorRT expects of tensor addresses
 _NP = {"float32": np.float32, "float16": np.float16, "float": np.float32}
@@ -167,8 +167,11 @@ class CudaRuntime:
 class TrtDecoder:
     """Runs a TensorRT engine step by step over a fixed-capacity KV cache on the GPU (batch 1)."""
 
-    def __init__(self, engine_bytes: bytes, *, spec, capacity: int, kv_dtype: str, max_seq: int,
-                 profiles: dict[str, int], trt, cuda: CudaRuntime, direct_kv_writes: bool = True):
+    def __init__(self, engine, *, spec, capacity: int, kv_dtype: str, max_seq: int,
+                 profiles: dict[str, int], trt, cuda: CudaRuntime, direct_kv_writes: bool = True,
+                 unified_memory: bool = False):
+        """``engine``: the engine file's path (streamed to TensorRT) or its bytes. ``unified_memory``: a Jetson,
+        where the GPU's free memory is not checked here (see _check_memory)."""
         self.spec, self.capacity, self.vocab, self.position = spec, int(capacity), spec.vocab_size, 0
         self.max_seq, self.profiles, self.device = int(max_seq), dict(profiles), "cuda"
         self._cuda, self._trt = cuda, trt
@@ -180,7 +183,8 @@ class TrtDecoder:
 
         self._logger = trt.Logger(trt.Logger.WARNING)   # must outlive the runtime, which keeps a reference
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
+        self.engine = _deserialize(trt, self._runtime, engine)
+        self._unified = unified_memory
         if self.engine is None:
             raise BackendUnavailable("TensorRT could not deserialize the engine (its messages above say why): "
                                      "rebuild it on this device with `edgekit engine BUNDLE`")
@@ -231,6 +235,12 @@ class TrtDecoder:
                               f"manifest names {len(self.profiles)}: rebuild it with `edgekit engine BUNDLE`")
 
     def _check_memory(self) -> None:
+        """On a discrete GPU: refuse before allocating when the cache and TensorRT's context memory exceed the
+        GPU's free memory. Not on a Jetson: there cudaMemGetInfo counts neither the page cache nor other
+        reclaimable memory, so it reports far less than can be allocated (a false "out of memory"), and the
+        load-time budget check on MemAvailable (runtime.memory) already covers the same unified memory."""
+        if self._unified:
+            return
         per_context = int(getattr(self.engine, "device_memory_size_v2", 0) or
                           getattr(self.engine, "device_memory_size", 0) or 0)
         need = (2 * self.layout.layers * self.layout.buffer_bytes + per_context
@@ -275,8 +285,16 @@ class TrtDecoder:
         io = plan_step(self.position, s, self.layout, cache=self.cache, ids=self._ids_dev, logits=self._logits_dev,
                        scratch=self.scratch, profiles=self.profiles, direct_writes=self._direct)
         if io.profile != self._profile:
-            if not ctx.set_optimization_profile_async(io.profile, self._stream_handle):
-                raise GenerationError(f"TensorRT refused optimization profile {io.profile}")
+            # TensorRT's Python binding raises RuntimeError when the profile is refused (pyCore.cpp
+            # context_set_optimization_profile_async: PY_ASSERT_RUNTIME_ERROR, otherwise returns True).
+            try:
+                ok = ctx.set_optimization_profile_async(io.profile, self._stream_handle)
+            except RuntimeError as e:
+                raise GpuStepFailed(f"TensorRT refused optimization profile {io.profile} ({e}): rebuild the "
+                                    "engine with `edgekit engine BUNDLE`") from None
+            if not ok:
+                raise GpuStepFailed(f"TensorRT refused optimization profile {io.profile}: rebuild the engine with "
+                                    "`edgekit engine BUNDLE`")
             self._profile = io.profile
         self._ids[0, :s] = tokens
         cuda.htod(self._ids_dev, self._ids, s * 8, self._stream)
@@ -285,10 +303,10 @@ class TrtDecoder:
                 raise GenerationError(f"TensorRT refused shape {shape} for {name}: outside the engine's profiles "
                                       f"(rebuild the engine for this max_context)")
         for name, ptr in io.addresses.items():
-            if not ctx.set_tensor_address(name, ptr):
-                raise GenerationError(f"TensorRT refused the address of {name}")
+            if not ctx.set_tensor_address(name, ptr):        # e.g. not 256-byte aligned (NvInferRuntime.h)
+                raise GpuStepFailed(f"TensorRT refused the address {ptr:#x} of {name}")
         if not ctx.execute_async_v3(self._stream_handle):
-            raise GenerationError("the TensorRT engine failed to run a step (its messages above say why)")
+            raise GpuStepFailed("the TensorRT engine failed to run a step (its messages above say why)")
         for dst, src, nbytes in io.copies:
             cuda.dtod(dst, src, nbytes, self._stream)
         cuda.dtoh(self._logits, self._logits_dev, self.vocab * 4, self._stream)
@@ -353,11 +371,38 @@ def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None,
                               f"use max_context <= {built_context}, or rebuild the engine")
     trt = trt if trt is not None else _import_tensorrt()
     cuda = cuda if cuda is not None else CudaRuntime.load()
-    data = manifest.path(engine["file"]).read_bytes()
-    return TrtDecoder(data, spec=manifest.spec(), capacity=capacity,
+    return TrtDecoder(manifest.path(engine["file"]), spec=manifest.spec(), capacity=capacity,
                       kv_dtype=manifest.graph.get("kv_dtype", "float16"),
                       max_seq=int(options.get("prefill_chunk") or manifest.memory.get("prefill_chunk", 256)),
-                      profiles=profiles, trt=trt, cuda=cuda)
+                      profiles=profiles, trt=trt, cuda=cuda,
+                      unified_memory=(manifest.target or {}).get("kind") == "jetson")
+
+
+def _deserialize(trt, runtime, engine):
+    """The ICudaEngine of ``engine`` (a path or bytes).
+
+    A path is streamed through ``trt.IStreamReader`` (TensorRT >= 10.0: IRuntime::deserializeCudaEngine(
+    IStreamReader&), NvInferRuntime.h; Python: pyCore.cpp's PyStreamReader calls ``read(size)`` and copies what
+    it returns), so the engine file is never held whole in a Python bytes object next to TensorRT's own copy
+    (2x the engine on an 8 GB board). TensorRT without IStreamReader gets the file's bytes.
+    """
+    if isinstance(engine, (bytes, bytearray, memoryview)):
+        return runtime.deserialize_cuda_engine(engine)
+    base = getattr(trt, "IStreamReader", None)
+    if base is None:
+        with open(engine, "rb") as f:
+            return runtime.deserialize_cuda_engine(f.read())
+
+    class FileReader(base):
+        def __init__(self, f):
+            base.__init__(self)            # pybind11 trampolines need the base initialised explicitly
+            self._f = f
+
+        def read(self, size):
+            return self._f.read(int(size))
+
+    with open(engine, "rb") as f:
+        return runtime.deserialize_cuda_engine(FileReader(f))
 
 
 def _import_tensorrt() -> Any:

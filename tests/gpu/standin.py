@@ -2,9 +2,14 @@
 
 - :func:`make_trt` returns a module-like object with the TensorRT 10 Python API surface edgekit uses. Every
   call is appended to ``trt.calls`` as ``(name, args)`` so tests can check names, arguments and order. Its
-  ONNX parser reads the real graph's inputs (dynamic dims become -1, as TensorRT reports them); its
+  ONNX parser applies TensorRT's parser rules to the graph, through edgekit.export.trt_check (the rules, read from
+  onnx-tensorrt's importers, are written down once: there), and fails like the real one (parse_from_file returns
+  False, the errors are in get_error); then it reads the real graph's inputs (dynamic dims become -1, as TensorRT
+  reports them); its
   "serialized engine" is JSON naming the ONNX file and the profiles; its execution context checks input
-  shapes against the active profile, refuses overlapping output/input memory, and computes with
+  shapes against the active profile, refuses tensor addresses that are not 256-byte aligned (returns False, as
+  setTensorAddress does: NvInferRuntime.h), raises RuntimeError for a refused optimization profile (pyCore.cpp
+  context_set_optimization_profile_async), refuses overlapping output/input memory, and computes with
   onnxruntime on the CPU, reading and writing :class:`FakeCuda` memory at the addresses it was given. So a
   decoder that passes the wrong rows or addresses gets wrong logits, as it would on a GPU.
 - :class:`FakeCuda` has the methods of :class:`edgekit.runtime.trt_backend.CudaRuntime` over a numpy arena
@@ -158,17 +163,28 @@ def make_trt(version: str = "10.3.0", *, parse_ok: bool = True, build_ok: bool =
             return self.inputs[i]
 
     class OnnxParser:
-        num_errors = 0 if parse_ok else 2
-
         def __init__(self, network, logger):
             rec("OnnxParser", network, logger)
             self.network = network
+            self.errors = [] if parse_ok else [f"In node 3 (importModel): UNSUPPORTED_NODE: fake error {i}\nmore"
+                                               for i in range(2)]
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
 
         def parse_from_file(self, path):
             rec("parse_from_file", path)
             if not parse_ok:
                 return False
             import onnx
+
+            from edgekit.export.trt_check import check_tensorrt_graph
+
+            problems = check_tensorrt_graph(path, tensorrt=version).problems
+            if problems:
+                self.errors = [f"ERROR: {p}" for p in problems]
+                return False
 
             model = onnx.load(path, load_external_data=False)
             for v in model.graph.input:
@@ -178,7 +194,7 @@ def make_trt(version: str = "10.3.0", *, parse_ok: bool = True, build_ok: bool =
             return True
 
         def get_error(self, i):
-            return f"In node 3 (importModel): UNSUPPORTED_NODE: fake error {i}\nmore"
+            return self.errors[i]
 
     class Profile:
         def __init__(self):
@@ -281,7 +297,17 @@ def make_trt(version: str = "10.3.0", *, parse_ok: bool = True, build_ok: bool =
             rec("Runtime", logger)
 
         def deserialize_cuda_engine(self, data):
-            rec("deserialize_cuda_engine")
+            if isinstance(data, IStreamReader):
+                rec("deserialize_cuda_engine", "stream")
+                chunks = []
+                while True:                       # TensorRT reads in pieces; a short read ends the stream
+                    piece = bytes(data.read(64))
+                    chunks.append(piece)
+                    if len(piece) < 64:
+                        break
+                data = b"".join(chunks)
+            else:
+                rec("deserialize_cuda_engine", "bytes")
             try:
                 doc = json.loads(bytes(data))
             except ValueError:
@@ -326,8 +352,10 @@ def make_trt(version: str = "10.3.0", *, parse_ok: bool = True, build_ok: bool =
 
         def set_optimization_profile_async(self, index, stream):
             rec("set_optimization_profile_async", index, stream)
+            if not 0 <= index < len(self.engine.profiles):
+                raise RuntimeError("Error in set optimization profile async.")      # pyCore.cpp, TensorRT 10.3
             self.profile, self.shapes = index, {}
-            return 0 <= index < len(self.engine.profiles)
+            return True
 
         def set_input_shape(self, name, shape):
             shape = tuple(shape)
@@ -339,6 +367,8 @@ def make_trt(version: str = "10.3.0", *, parse_ok: bool = True, build_ok: bool =
 
         def set_tensor_address(self, name, ptr):
             assert name in self.engine.io, name
+            if int(ptr) % 256:                    # "The pointer must have at least 256-byte alignment."
+                return False
             self.addresses[name] = int(ptr)
             return True
 
@@ -370,7 +400,15 @@ def make_trt(version: str = "10.3.0", *, parse_ok: bool = True, build_ok: bool =
             self.runs += 1
             return True
 
+    class IStreamReader:
+        def __init__(self):
+            rec("IStreamReader.__init__")
+
+        def read(self, size):                     # overridden by the reader; the base reads nothing
+            return b""
+
     trt.Logger, trt.Builder, trt.OnnxParser, trt.Runtime = Logger, Builder, OnnxParser, Runtime
+    trt.IStreamReader = IStreamReader
     trt.NetworkDefinitionCreationFlag, trt.MemoryPoolType, trt.BuilderFlag = (NetworkDefinitionCreationFlag,
                                                                               MemoryPoolType, BuilderFlag)
     trt.IProgressMonitor, trt.nptype = IProgressMonitor, nptype
