@@ -409,3 +409,102 @@ def test_prune_never_drops_current_or_previous():
     history = ["a" * 12, "b" * 12, "c" * 12, "d" * 12]
     assert prune_list(state, history, 1, flashed="d" * 12) == ["b" * 12, "a" * 12, "e" * 12]
     assert prune_list(state, history, 3, flashed="d" * 12) == ["a" * 12, "e" * 12]
+
+
+# ----- hardening: local corruption, full disk at the switch, concurrent flashes, signals ----------------------
+@needs_sshd
+def test_a_bundle_edited_after_it_was_built_is_named_as_the_culprit(sshd, tiny_bundle, tmp_path, monkeypatch):
+    import edgekit.runtime.bundle as bundle_mod
+
+    # Weights above this size are only size-checked before a flash (hashing GBs up front takes minutes): make
+    # the tiny bundle's weights count as such, as a real bundle's are.
+    monkeypatch.setattr(bundle_mod, "QUICK_HASH_LIMIT", 1024)
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_bundle, edited)
+    data = edited / "model.onnx.data"
+    with open(data, "r+b") as f:          # same size, one byte changed: the manifest no longer matches
+        f.seek(64)
+        b = f.read(1)
+        f.seek(64)
+        f.write(bytes([b[0] ^ 0x55]))
+    root = tmp_path / "device"
+    code, out, err = cli("flash", str(edited), f"device1:{root}", "-F", str(sshd.config))
+    assert code == 1, (out, err)
+    [line] = errors(err)
+    assert line.startswith(f"error: device1: the local file {data} has sha256 ") and "manifest says" in line
+    assert "the bundle was changed after it was built" in line and "rebuild the bundle" in line
+    assert "run the same command again" not in line
+    assert current_of(root) is None
+    release = root / "releases" / read_manifest(edited).id
+    assert not (release / "model.onnx.data.part").exists() and not (release / "manifest.json").exists()
+
+
+def _small_disk(folder: Path, size: str):
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); needs root")
+
+
+def _fill(folder: Path) -> Path:
+    """Use up every free byte of the filesystem holding ``folder``; the filler file, to delete afterwards."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:   # ENOSPC: full
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+@needs_sshd
+def test_a_full_disk_at_the_switch_leaves_current_and_history_as_reported(sshd, tiny_bundle, tmp_path):
+    small = tmp_path / "small"
+    total = sum(e["size"] for e in read_manifest(tiny_bundle).files.values())
+    _small_disk(small, f"{(3 * total) // 1024 + 34 * 1024}k")   # flash keeps 32 MiB spare (SPACE_MARGIN)
+    try:
+        root = small / "edgekit"
+        dev = device(sshd, root)
+        id1 = flash(tiny_bundle, dev).bundle_id
+        id2 = flash(retokenized(tiny_bundle, tmp_path / "v2"), dev).bundle_id
+        history = (root / "history").read_text()
+        assert history.split() == [id1, id2]
+
+        filler = _fill(small)
+        code, out, err = cli("flash", "--rollback", f"device1:{root}", "-F", str(sshd.config))
+        assert code == 1, (out, err)
+        [line] = errors(err)
+        assert f"cannot switch {root}/current to releases/{id1}" in line
+        assert f"current was not changed (still releases/{id2})" in line, line
+        assert current_of(root) == id2 and (root / "history").read_text() == history
+        assert _leftovers(root) == []
+
+        # The same during a flash: the disk fills up after the transfer, before the switch.
+        v3 = retokenized(tiny_bundle, tmp_path / "v3", "3")
+        filler.unlink()
+        filled = []
+
+        def fill_at_switch(event):
+            if event.stage == "switch" and not filled:
+                filled.append(_fill(small))
+
+        with pytest.raises(DeployFailed, match=rf"current was not changed \(still releases/{id2}\)"):
+            flash(v3, dev, progress=fill_at_switch)
+        assert current_of(root) == id2 and (root / "history").read_text() == history
+        assert _leftovers(root) == []
+
+        filled[0].unlink()                  # with space again both work, and history follows current
+        assert rollback(dev).to_release == id1 and current_of(root) == id1
+        assert (root / "history").read_text().split() == [id1]
+        r = flash(v3, dev)
+        assert current_of(root) == r.bundle_id and (root / "history").read_text().split() == [id1, r.bundle_id]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

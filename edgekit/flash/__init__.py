@@ -245,7 +245,7 @@ def _flash_one(b: _Bundle, device: Device, *, keep: int, smoke: bool, build_engi
         history = [h for h in history if h not in prune]
         report("switch", f"switching current -> releases/{bid}"
                + (f", pruning {len(prune)} old release(s)" if prune else ""))
-        rel.switch(s, path, bid, history, prune)
+        warnings += rel.switch(s, path, bid, history, prune, before=state.current)
 
         smoke_text = None
         if smoke:
@@ -256,7 +256,7 @@ def _flash_one(b: _Bundle, device: Device, *, keep: int, smoke: bool, build_engi
                 back_history = [h for h in before if h != bid and h not in prune]
                 back = back_history[-1] if back_history else None
                 report("rollback", f"smoke test failed: current -> {_rel_text(back)}")
-                rel.switch(s, path, back, back_history, [])
+                rel.switch(s, path, back, back_history, [], before=bid)
                 where = (f"rolled back, current -> releases/{back}" if back else
                          "no earlier release to roll back to, current removed")
                 raise DeployFailed(f"{name}: smoke test failed on the device ({smoke_text}): {where}", device=name)
@@ -361,7 +361,7 @@ def rollback(device: str | Device, *, progress: Progress | None = None) -> Rollb
         to, history = rel.rollback_target(state, device.name)
         if progress:
             progress(FlashProgress(device.name, "rollback", f"current -> releases/{to}"))
-        rel.switch(s, info.path, to, history, [])
+        rel.switch(s, info.path, to, history, [], before=state.current)
         return RollbackResult(device.name, info.path, state.current, to)
 
 
