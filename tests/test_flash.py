@@ -508,3 +508,126 @@ def test_a_full_disk_at_the_switch_leaves_current_and_history_as_reported(sshd, 
         assert current_of(root) == r.bundle_id and (root / "history").read_text().split() == [id1, r.bundle_id]
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def _holder_text(pid: int, since: str = "2026-01-01T00:00:00Z") -> str:
+    return f"someone@otherhost pid {pid} since {since}"
+
+
+@needs_sshd
+def test_a_second_flash_to_the_same_folder_stops_at_once_naming_the_first(sshd, tiny_bundle, tmp_path):
+    import socket
+
+    root = tmp_path / "device"
+    other = retokenized(tiny_bundle, tmp_path / "other")
+    second = []
+
+    def flash_again_meanwhile(event):
+        if event.stage == "send" and event.message == "start" and not second:
+            started = time.monotonic()
+            second.append(cli("flash", str(other), f"device1:{root}", "-F", str(sshd.config)))
+            second.append(time.monotonic() - started)
+
+    first = flash(tiny_bundle, device(sshd, root), progress=flash_again_meanwhile)
+    (code, out, err), seconds = second
+    assert code == 1, (out, err)
+    [line] = errors(err)
+    assert line.startswith(f"error: device1: {root} is locked by another flash or rollback (")
+    assert f"@{socket.gethostname()} pid {os.getpid()} since 20" in line and "wait for it to finish" in line
+    assert "FAILED" in out
+    # the first one was not disturbed, and released the lock when it finished
+    assert current_of(root) == first.bundle_id and (root / "history").read_text().split() == [first.bundle_id]
+    assert not (root / "releases" / read_manifest(other).id).exists()
+    assert not os.path.lexists(root / ".lock")
+    assert flash(other, device(sshd, root)).switched
+
+    # released on a failure too (refused before copying)
+    orin = variant(tiny_bundle, tmp_path / "orin", _as_orin)
+    with pytest.raises(DeviceMismatch):
+        flash(orin, device(sshd, root))
+    assert not os.path.lexists(root / ".lock")
+    assert rollback(device(sshd, root)).to_release == first.bundle_id   # rollback takes it too, and releases it
+    assert not os.path.lexists(root / ".lock")
+
+
+def _start_time(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+@needs_sshd
+def test_a_lock_whose_holder_is_gone_is_taken_over_and_a_live_one_is_not(sshd, tiny_bundle, tmp_path):
+    root = tmp_path / "device"
+    root.mkdir()
+    # A live process on the device holds it: refused, naming the holder.
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        os.symlink(f"{sleeper.pid} {_start_time(sleeper.pid)} {_holder_text(sleeper.pid)}", root / ".lock")
+        with pytest.raises(DeployFailed, match=rf"is locked by another flash or rollback "
+                                               rf"\({_holder_text(sleeper.pid)}\)"):
+            flash(tiny_bundle, device(sshd, root))
+        assert os.readlink(root / ".lock").startswith(f"{sleeper.pid} ") and not (root / "releases").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Its holder is gone (killed, device rebooted): taken over with a warning. The same pid with another start
+    # time is a reused pid, not the holder.
+    os.unlink(root / ".lock")
+    for pid, start in ((sleeper.pid, "1"), (os.getpid(), "1")):
+        os.symlink(f"{pid} {start} {_holder_text(pid)}", root / ".lock")
+        r = flash(tiny_bundle, device(sshd, root))
+        assert r.switched and any(f"took over the lock of a flash that is gone ({_holder_text(pid)})" in w
+                                  for w in r.warnings), r.warnings
+        assert not os.path.lexists(root / ".lock")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@needs_sshd
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_during_flash_leaves_no_ssh_process_socket_or_lock(sshd, tiny_bundle, tmp_path, sig):
+    import signal
+
+    big = variant(tiny_bundle, tmp_path / "big",
+                  lambda folder, data: (folder / "extra.bin").write_bytes(os.urandom(48 * 1024 * 1024)))
+    root = tmp_path / "device"
+    tmp = tmp_path / "tmp"           # where the flash makes its ssh socket folder
+    tmp.mkdir()
+    log = tmp_path / "flash.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit", "flash", str(big), f"device1:{root}",
+                                 "-F", str(sshd.config)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        deadline = time.monotonic() + 60
+        while "sending extra.bin" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert os.path.lexists(root / ".lock") and list(tmp.iterdir())   # mid-flight: locked, socket folder
+        proc.send_signal(getattr(signal, sig))
+        code = proc.wait(timeout=30)
+        text = log.read_text()
+        assert code == 128 + getattr(signal, sig), text
+        assert f"error: flash stopped by {sig}: the ssh connections were closed" in text.splitlines()[-1]
+        assert list(tmp.iterdir()) == [] and _processes_mentioning(str(tmp)) == []
+        deadline = time.monotonic() + 15  # the device side ends when sshd sees the connection closed
+        while os.path.lexists(root / ".lock") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.lexists(root / ".lock") and current_of(root) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _processes_mentioning(str(tmp)):   # only what this test started (its TMPDIR is in them)
+            os.kill(pid, 9)
+    r = flash(big, device(sshd, root))        # and the next flash continues where it stopped
+    assert r.switched and current_of(root) == r.bundle_id and verify(root / "current").ok
