@@ -110,7 +110,8 @@ def test_real_templates_render_as_plain_jinja_does(tiny_bundle, smollm2_bundle):
         source = (bundle / "chat_template.jinja").read_text()
         special = m.tokenizer
         codec = TextCodec((bundle / "tokenizer.json").read_text(), source, special)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda v, **kw: json.dumps(v, ensure_ascii=False, **kw)
         plain = env.from_string(source)
         for messages in (conversation[1:2], conversation, conversation[:3]):

@@ -30,7 +30,9 @@ from .ssh import Completed, Session
 _SWITCH = r"""
 dir=$1; new=$2; hist=$3; shift 3
 fail() { rm -f "$dir/.current.new" "$dir/.history.new" "$dir/.history.old"; echo "$1" >&2; exit 5; }
-unhistory() { if [ -f "$dir/.history.old" ]; then mv -f "$dir/.history.old" "$dir/history"; else rm -f "$dir/history"; fi; }
+unhistory() {
+  if [ -f "$dir/.history.old" ]; then mv -f "$dir/.history.old" "$dir/history"; else rm -f "$dir/history"; fi
+}
 if [ -n "$new" ]; then
   [ -f "$dir/releases/$new/manifest.json" ] || { echo "release $new is not complete" >&2; exit 4; }
 fi
@@ -148,7 +150,8 @@ def switch(session: Session, path: str, release_id: str | None, history: list[st
         where = (f"current was not changed (still {_rel(before)})" if now_id == before else
                  f"current now points to {_rel(now_id)}")
         raise DeployFailed(f"{name}: cannot switch {path}/current to {_rel(release_id)} ({done.last_error()}): "
-                           f"{where}; check the free space on the device (df {path}), then run the command again", device=name)
+                           f"{where}; check the free space on the device (df {path}), then run the command again",
+                           device=name)
     return [ln[len("warning="):] for ln in done.stdout.splitlines() if ln.startswith("warning=")]
 
 

@@ -48,10 +48,6 @@ class _Bounds:
         self.seconds, self.max_chars = seconds, max_chars
         self.deadline = time.monotonic() + seconds
 
-    def tick(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise _Limit(f"it ran longer than {self.seconds:g}s")
-
     def size(self, n: int, what: str) -> None:
         if n > self.max_chars:
             raise _Limit(f"{what} would be {n} long, more than the limit of {self.max_chars}")
@@ -95,7 +91,10 @@ def _make_environment():
 
         def call_binop(self, context, operator, left, right):
             b = _bounds()
-            b.tick()
+            if operator == "+" and type(left) is str and type(right) is str:   # the common case, made cheap
+                if len(left) + len(right) > b.max_chars:
+                    b.size(len(left) + len(right), "a sum of values")
+                return left + right
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
                     if _length(seq) is not None and isinstance(n, int):
@@ -148,9 +147,7 @@ def _guarded(function):
 def _check_call(func, args, kwargs) -> None:
     """The checks before a call from the template (a function, a method or a filter) runs."""
     b = _bounds()
-    b.tick()
-    values = list(args) + list(kwargs.values())
-    for v in values:
+    for v in (*args, *kwargs.values()):
         if isinstance(v, int) and not isinstance(v, bool) and abs(v) > b.max_chars:
             raise _Limit(f"the argument {str(v)[:20]} is larger than the output limit")
         if isinstance(v, (list, tuple)) and sum(len(x) for x in v if isinstance(x, str)) > b.max_chars:
@@ -181,8 +178,10 @@ def _checked_join(original):
 
 def _tracer(b: _Bounds):
     """sys.settrace function: a deadline check on every line of the compiled template's frames (only)."""
+    deadline, clock = b.deadline, time.monotonic
+
     def line(frame, event, arg):
-        if event == "line" and time.monotonic() > b.deadline:
+        if event == "line" and clock() > deadline:
             raise _Limit(f"it ran longer than {b.seconds:g}s")
         return line
 
@@ -255,7 +254,8 @@ class TextCodec:
         from jinja2.exceptions import TemplateError
 
         limit = self.render_max_chars if max_chars is None else min(max_chars, self.render_max_chars)
-        b = _Bounds(self.render_seconds, limit)
+        # values inside the template are held to the codec's limit; only the output to ``max_chars``
+        b = _Bounds(self.render_seconds, self.render_max_chars)
         parts, size = [], 0
         before, _local.bounds = getattr(_local, "bounds", None), b
         previous_trace = sys.gettrace()
