@@ -200,7 +200,8 @@ def _export(reader, source, tmp: Path, options: GraphOptions, precision: str, qu
     from . import export_cache
 
     if key is not None:
-        meta = export_cache.restore(cache_dir, key, tmp)
+        meta = export_cache.restore(cache_dir, key, tmp,
+                                    discarded=lambda why: progress and progress(f"export ({why})", 1, 1))
         if meta is not None:
             if progress:
                 progress("export (cached)", 1, 1)

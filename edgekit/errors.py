@@ -79,6 +79,14 @@ class GenerationError(EdgekitError):
     """Bad generation request (prompt too long, invalid sampling values) or a failed step."""
 
 
+class PromptTooLong(GenerationError):
+    """The rendered prompt has more characters than allowed (``limit``), found before tokenizing it."""
+
+    def __init__(self, message: str, *, limit: int = 0):
+        super().__init__(message)
+        self.limit = limit
+
+
 class BackendUnavailable(EdgekitError):
     """The requested backend (CUDA, TensorRT) is not usable on this machine."""
 

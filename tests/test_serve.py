@@ -489,3 +489,45 @@ def test_cli_refuses_bad_keys_and_warns_on_network_hosts(tmp_path):
     assert r.exit_code == 2 and "invalid API key" in r.output
     r = runner.invoke(cli, ["serve", str(tmp_path), "--api-key", "x", "--api-key-file", str(key)])
     assert r.exit_code == 2 and "use one of them" in r.output
+
+
+# ----- bounded work before the queue (issue 13) ------------------------------------------------------------------
+def test_a_prompt_longer_than_the_context_can_hold_is_refused_by_size_before_tokenizing(tiny_server, tiny_model):
+    """What the context can hold in characters is max_context x the longest token of the vocabulary: a longer
+    conversation is refused from its length alone (the message counts characters, not tokens)."""
+    limit = tiny_model.max_context * tiny_model.codec.max_token_chars
+    huge = [{"role": "user", "content": "Tell me more about the sky, please. " * 2}] * 60000   # ~4.6 MB of JSON
+    with tiny_server.http() as http:
+        r = http.post("/v1/chat/completions", json={"messages": huge}, headers=tiny_server.headers)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+        assert error["message"].startswith(f"the prompt has more than {limit} characters (no text that long fits in "
+                                           f"256 tokens of this tokenizer) but this server's context is 256 tokens")
+        # just under the limit in characters, but more tokens than the context: counted, then refused
+        near = [{"role": "user", "content": "word " * (limit // 5 - 20)}]
+        r = http.post("/v1/chat/completions", json={"messages": near}, headers=tiny_server.headers)
+        assert r.status_code == 400 and re.search(r"the prompt has \d+ tokens but", r.json()["error"]["message"])
+        ok = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}, headers=tiny_server.headers)
+        assert ok.status_code == 200
+
+
+def test_max_body_is_configurable(tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+
+    server = Server(tiny_bundle, tmp_path, "--max-body", "64KiB")
+    try:
+        with server.http() as http:
+            body = json.dumps({"messages": [{"role": "user", "content": "x" * 70000}]})
+            r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 413
+            assert r.json()["error"]["message"] == ("the request body is larger than 64.0 KiB (edgekit serve "
+                                                    "--max-body): send a shorter conversation")
+            r = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+            assert r.status_code == 200
+    finally:
+        assert server.stop() == 0
+    r = CliRunner().invoke(cli, ["serve", str(tiny_bundle), "--max-body", "100"])
+    assert r.exit_code == 2 and r.output.strip() == "error: invalid --max-body 100: use at least 1KiB (the default is 8MiB)"

@@ -3,21 +3,24 @@
 Exit status of ``edgekit flash`` (and ``--rollback``, ``releases``):
 0 every device succeeded; 1 at least one device failed (unreachable, host key, refused key, wrong target,
 not enough disk, verification, smoke test, engine build) -- the others still ran and the table shows each;
-2 bad input before any device was contacted (no such bundle, a damaged bundle, bad options).
+2 bad input before any device was contacted (no such bundle, a damaged bundle, bad options); 130, 143, 129
+stopped by Ctrl-C, SIGTERM or SIGHUP (connections closed, device locks released). A device folder that
+another flash or rollback holds (DIR/.lock) is a failure of that device, naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
 
-from ..errors import DeviceError, UserInputError
+from ..errors import UserInputError
 from ..units import fmt_bytes
 from . import cli, echo_json
 
@@ -72,6 +75,34 @@ def _devices(names, hosts_file: Path | None, defaults: dict) -> list:
         raise click.UsageError("no device given: name at least one DEVICE (user@host or an ssh_config Host), "
                                "or --hosts-file")
     return devices
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (timeout, systemd, CI cancel, a closed terminal), raised where the command waits."""
+
+
+@contextlib.contextmanager
+def _signals_stop():
+    """SIGTERM/SIGHUP end a flash as Ctrl-C does -- the library cuts its ssh connections, the devices' locks
+    are released, no ssh process or socket folder is left -- then exit with 128 + the signal's number."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Stopped(signal.Signals(signum).name)
+
+    wanted = (signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        yield
+    except _Stopped as e:
+        click.echo(f"error: flash stopped by {e}: the ssh connections were closed; `edgekit releases DEVICE` shows "
+                   "what is current on each device, run the command again to finish", err=True)
+        sys.exit(128 + signal.Signals[str(e)].value)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 class _Printer:
@@ -193,8 +224,9 @@ def flash_cmd(args, hosts_file, path, port, identity, ssh_config, remote_python,
         raise click.UsageError("give the BUNDLE folder and at least one DEVICE (or --rollback DEVICE)")
     bundle, names = args[0], args[1:]
     devices = _devices(names, hosts_file, defaults)
-    outcomes = flash_many(bundle, devices, jobs=jobs, keep=keep, smoke=smoke, build_engine=build_engine,
-                          dry_run=dry_run, progress=printer)
+    with _signals_stop():
+        outcomes = flash_many(bundle, devices, jobs=jobs, keep=keep, smoke=smoke, build_engine=build_engine,
+                              dry_run=dry_run, progress=printer)
     if as_json:
         echo_json([_outcome_json(o) for o in outcomes])
     else:
@@ -230,16 +262,10 @@ def _print_log(device: str, log: str) -> None:
 
 
 def _rollback(devices, printer, jobs, as_json) -> None:
-    from ..flash import rollback
+    from ..flash import rollback_many
 
-    def one(device):
-        try:
-            return device, rollback(device, progress=printer), None
-        except DeviceError as e:
-            return device, None, e
-
-    with ThreadPoolExecutor(max_workers=jobs or min(8, len(devices))) as pool:
-        outcomes = list(pool.map(one, devices))
+    with _signals_stop():
+        outcomes = rollback_many(devices, jobs=jobs, progress=printer)
     if as_json:
         echo_json([{"device": d.name, "ok": e is None, "error": str(e) if e else None,
                     "from": r.from_release if r else None, "to": r.to_release if r else None}

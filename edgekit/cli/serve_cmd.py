@@ -51,6 +51,9 @@ def _check_key(key: str) -> str:
               help="Read the API key from FILE (one line).")
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0, 100000), metavar="N",
               help="Requests that may wait while one generates; more are refused with 429 and Retry-After.")
+@click.option("--max-body", default="8MiB", show_default=True, metavar="SIZE",
+              help="Largest request body accepted (413 beyond), e.g. 2MiB; a long conversation with a large "
+                   "context needs more.")
 @click.option("--max-context", default=None, type=click.IntRange(2), metavar="N",
               help="KV-cache size in tokens (prompt + completion) [default: the bundle's].")
 @click.option("--memory-budget", default=None, metavar="SIZE",
@@ -70,7 +73,7 @@ def _check_key(key: str) -> str:
               help="Server log verbosity (info logs one line per request).")
 @click.pass_context
 def serve_cmd(ctx: click.Context, bundle: str, host: str, port: int, api_key: str | None, api_key_file: str | None,
-              max_queue: int, max_context: int | None, memory_budget: str | None, threads: int | None,
+              max_queue: int, max_body: str, max_context: int | None, memory_budget: str | None, threads: int | None,
               backend: str, model_name: str | None, thinking_budget: int | None, shutdown_timeout: float,
               log_level: str) -> None:
     """Serve BUNDLE over OpenAI's chat-completions API (POST /v1/chat/completions, GET /v1/models,
@@ -86,6 +89,9 @@ def serve_cmd(ctx: click.Context, bundle: str, host: str, port: int, api_key: st
     key = _check_key(_read_key_file(api_key_file) if api_key_file else api_key) \
         if (api_key is not None or api_key_file) else None
     budget = parse_size(memory_budget) if memory_budget is not None else None
+    body = parse_size(max_body)
+    if body < 1024:
+        raise UserInputError(f"invalid --max-body {max_body}: use at least 1KiB (the default is 8MiB)")
     if not is_loopback(host) and key is None:
         click.echo(f"warning: --host {host} makes the server reachable from the network and no API key is set: "
                    "anyone who can reach this port can use the model; add --api-key-file FILE (or set "
@@ -100,6 +106,6 @@ def serve_cmd(ctx: click.Context, bundle: str, host: str, port: int, api_key: st
 
     serve(bundle, host, port, api_key=key, max_queue=max_queue, max_context=max_context, memory_budget=budget,
           threads=threads, backend=backend, model_name=model_name, thinking_budget=thinking_budget,
-          shutdown_timeout=shutdown_timeout,
+          shutdown_timeout=shutdown_timeout, max_body_bytes=body,
           log_level=log_level, on_listening=listening, on_ready=ready)
     click.echo("edgekit serve: stopped", err=True)

@@ -5,7 +5,8 @@
     from edgekit.flash import Device, flash, rollback, list_releases
     result = flash("bundles/r1-1.5b-orin", Device("robot@jetson.local", path="/opt/edgekit"), smoke=True)
 
-One flash is a series of ssh commands over one shared connection: probe the device -> refuse early if the
+One flash is a series of ssh commands over one shared connection: lock the device folder (one flash or
+rollback at a time, :mod:`edgekit.flash.lock`) -> probe the device -> refuse early if the
 bundle's target, JetPack or GPU does not match or the disk is too small -> plan (reuse files the device
 already has, resume half-sent ones) -> send the rest as ``NAME.part`` -> sha256 of every file computed on
 the device -> finalize (rename, manifest.json last) -> [build the engine there] -> switch ``current`` with
@@ -20,6 +21,7 @@ are returned, and a failing device raises a one-line DeviceUnreachable, DeviceMi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,20 +33,22 @@ from ..runtime.bundle import MANIFEST, Manifest, read_manifest, verify
 from ..units import fmt_bytes
 from . import releases as rel
 from .probe import DeviceInfo, DeviceState, check_device, check_space, parse_probe, PROBE_SCRIPT
+from .lock import acquire as lock_device
 from .releases import Release
-from .ssh import DEFAULT_PATH, DEFAULT_PYTHON, Device, Session, parse_device
+from .ssh import DEFAULT_PATH, DEFAULT_PYTHON, Device, Session, SessionGroup, parse_device
 from .transfer import SENT, FileAction, as_send, extras, finalize, hash_files, mismatches, plan_files, prepare, \
     remove, send_file
 
 __all__ = ["Device", "DeviceInfo", "FlashProgress", "FlashResult", "DeviceOutcome", "RollbackResult", "Release",
-           "flash", "flash_many", "rollback", "list_releases", "parse_device", "DEFAULT_PATH", "DEFAULT_PYTHON"]
+           "flash", "flash_many", "rollback", "rollback_many", "list_releases", "parse_device", "DEFAULT_PATH",
+           "DEFAULT_PYTHON"]
 
 DEFAULT_KEEP = 3
 
 
 @dataclass(frozen=True)
 class FlashProgress:
-    """One progress event. ``stage`` is one of connect, probe, plan, prepare, send, verify, finalize, engine,
+    """One progress event. ``stage`` is one of connect, lock, probe, plan, prepare, send, verify, finalize, engine,
     switch, smoke, rollback, done. During ``send``, ``done``/``total`` count the bytes of this flash and
     ``message`` is "start" when ``file`` begins (then one event per chunk sent)."""
 
@@ -152,7 +156,8 @@ def flash(bundle: str | Path, device: str | Device, *, keep: int = DEFAULT_KEEP,
     """
     _check_keep(keep)
     return _flash_one(_load_bundle(bundle), _device(device), keep=keep, smoke=smoke, build_engine=build_engine,
-                      dry_run=dry_run, progress=progress, smoke_timeout=smoke_timeout, engine_timeout=engine_timeout)
+                      dry_run=dry_run, progress=progress, smoke_timeout=smoke_timeout, engine_timeout=engine_timeout,
+                      group=None)
 
 
 def flash_many(bundle: str | Path, devices: Sequence[str | Device], *, jobs: int | None = None,
@@ -165,18 +170,33 @@ def flash_many(bundle: str | Path, devices: Sequence[str | Device], *, jobs: int
     if not targets:
         raise UserInputError("no device given: name at least one (user@host or an ssh_config Host)")
     options.setdefault("keep", DEFAULT_KEEP)
+    group = SessionGroup()
 
     def one(device: Device) -> DeviceOutcome:
         try:
             kw = {"smoke": False, "build_engine": False, "dry_run": False, "progress": None, "smoke_timeout": 600,
                   "engine_timeout": 4 * 3600, **options}
-            return DeviceOutcome(device.name, _flash_one(b, device, **kw), None)
+            return DeviceOutcome(device.name, _flash_one(b, device, group=group, **kw), None)
         except DeviceError as e:
             return DeviceOutcome(device.name, None, e)
 
+    return _in_threads(one, targets, jobs, group)
+
+
+def _in_threads(one, targets: list[Device], jobs: int | None, group: SessionGroup) -> list:
+    """``one(device)`` for each device in parallel threads. An exception in the waiting thread (Ctrl-C, or
+    SIGTERM/SIGHUP turned into one by the CLI) first cuts every ssh connection of the group -- the threads
+    then stop at their next step, their devices' locks are released and no ssh process or socket folder is
+    left behind -- and is raised once they have."""
     with ThreadPoolExecutor(max_workers=jobs or min(8, len(targets))) as pool:
         futures = [pool.submit(one, d) for d in targets]
-        return [f.result() for f in futures]
+        try:
+            return [f.result() for f in futures]
+        except BaseException as e:
+            group.abort(str(e) or type(e).__name__)
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def _check_keep(keep) -> None:
@@ -186,7 +206,8 @@ def _check_keep(keep) -> None:
 
 
 def _flash_one(b: _Bundle, device: Device, *, keep: int, smoke: bool, build_engine: bool, dry_run: bool,
-               progress: Progress | None, smoke_timeout: float, engine_timeout: float | None) -> FlashResult:
+               progress: Progress | None, smoke_timeout: float, engine_timeout: float | None,
+               group: SessionGroup | None) -> FlashResult:
     started = time.monotonic()
     name, bid = device.name, b.id
 
@@ -195,13 +216,20 @@ def _flash_one(b: _Bundle, device: Device, *, keep: int, smoke: bool, build_engi
             progress(FlashProgress(name, stage, message, **kw))
 
     report("connect", f"connecting to {name}")
-    with Session(device) as s:
+    with Session(device, group) as s, contextlib.ExitStack() as held:
+        lock = None
+        if not dry_run:
+            # Before the probe: what it reads stays true until the switch, no other flash interleaves.
+            report("lock", f"locking {device.path} on the device")
+            lock = held.enter_context(lock_device(s, device.path))
         report("probe", "probing the device")
         info, state = _probe(s, bid)
         path = info.path
         report("probe", info.summary())
         warnings = _refuse_or_warn(b, info, state, name, "--smoke" if smoke else
                                    "--build-engine" if build_engine else None)
+        if lock is not None and lock.stale:
+            warnings.append(f"took over the lock of a flash that is gone ({lock.stale})")
         actions = plan_files(b.manifest.files, state, bid)
         need = sum(a.to_send for a in actions)
         why = check_space(info, need, device=name)
@@ -245,7 +273,7 @@ def _flash_one(b: _Bundle, device: Device, *, keep: int, smoke: bool, build_engi
         history = [h for h in history if h not in prune]
         report("switch", f"switching current -> releases/{bid}"
                + (f", pruning {len(prune)} old release(s)" if prune else ""))
-        rel.switch(s, path, bid, history, prune)
+        warnings += rel.switch(s, path, bid, history, prune, before=state.current)
 
         smoke_text = None
         if smoke:
@@ -256,7 +284,7 @@ def _flash_one(b: _Bundle, device: Device, *, keep: int, smoke: bool, build_engi
                 back_history = [h for h in before if h != bid and h not in prune]
                 back = back_history[-1] if back_history else None
                 report("rollback", f"smoke test failed: current -> {_rel_text(back)}")
-                rel.switch(s, path, back, back_history, [])
+                rel.switch(s, path, back, back_history, [], before=bid)
                 where = (f"rolled back, current -> releases/{back}" if back else
                          "no earlier release to roll back to, current removed")
                 raise DeployFailed(f"{name}: smoke test failed on the device ({smoke_text}): {where}", device=name)
@@ -353,15 +381,33 @@ def _fail_on_sent(name: str, bad: list[FileAction], hashes: dict[str, str], sess
 # ----- rollback and listing ---------------------------------------------------------------------------------
 def rollback(device: str | Device, *, progress: Progress | None = None) -> RollbackResult:
     """Make the release that was current before the current one current again (``history`` goes one back)."""
-    device = _device(device)
-    with Session(device) as s:
+    return _rollback_one(_device(device), progress, None)
+
+
+def rollback_many(devices: Sequence[str | Device], *, jobs: int | None = None,
+                  progress: Progress | None = None) -> list[tuple[Device, RollbackResult | None, DeviceError | None]]:
+    """:func:`rollback` on several devices in parallel threads: (device, result, error) in order."""
+    targets = [_device(d) for d in devices]
+    group = SessionGroup()
+
+    def one(device: Device):
+        try:
+            return device, _rollback_one(device, progress, group), None
+        except DeviceError as e:
+            return device, None, e
+
+    return _in_threads(one, targets, jobs, group)
+
+
+def _rollback_one(device: Device, progress: Progress | None, group: SessionGroup | None) -> RollbackResult:
+    with Session(device, group) as s, lock_device(s, device.path):
         if progress:
             progress(FlashProgress(device.name, "probe", "reading the releases on the device"))
         info, state = _probe(s)
         to, history = rel.rollback_target(state, device.name)
         if progress:
             progress(FlashProgress(device.name, "rollback", f"current -> releases/{to}"))
-        rel.switch(s, info.path, to, history, [])
+        rel.switch(s, info.path, to, history, [], before=state.current)
         return RollbackResult(device.name, info.path, state.current, to)
 
 

@@ -24,7 +24,8 @@ SPACE_MARGIN = 32 * 1024 * 1024
 # JetPack major release of each L4T major (NVIDIA's JetPack archive): engines are tied to it via TensorRT.
 JETPACK_OF_L4T = {32: 4, 34: 5, 35: 5, 36: 6, 38: 7}
 
-PROBE_SCRIPT = r"""
+# The device folder as given (``~/x``, ``x`` or ``/abs``) made absolute on the device.
+HOME_PATH = r"""
 home_path() {
   case $1 in
     "~") printf '%s\n' "$HOME" ;;
@@ -33,6 +34,9 @@ home_path() {
     *) printf '%s/%s\n' "$HOME" "$1" ;;
   esac
 }
+"""
+
+PROBE_SCRIPT = HOME_PATH + r"""
 dir=$(home_path "$1"); id=$2
 case $3 in */*) py=$(home_path "$3") ;; *) py=$(command -v "$3" 2>/dev/null) ;; esac
 echo "probe=1"

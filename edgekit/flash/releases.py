@@ -22,22 +22,44 @@ from .ssh import Completed, Session
 # Arguments: DIR, release id to make current ("" removes current), the new history (ids, one per line),
 # then release ids to delete. A temporary link renamed over ``current`` is atomic: a reader sees the old
 # release or the new one, never a missing link. (mv -T is GNU; python3's os.replace is the fallback.)
+# Order: everything that needs disk space (the new history, the new link, a hard link keeping the old
+# history) is written before anything changes, so a full disk fails with current and history untouched;
+# then history and current are renamed into place, and if the second rename fails the first is undone.
+# Exit 4: release incomplete, 5: nothing was changed (reason on stderr). Pruning after the switch never
+# fails it: an undeletable release is reported as a "warning=" line.
 _SWITCH = r"""
-set -e
 dir=$1; new=$2; hist=$3; shift 3
+fail() { rm -f "$dir/.current.new" "$dir/.history.new" "$dir/.history.old"; echo "$1" >&2; exit 5; }
+unhistory() {
+  if [ -f "$dir/.history.old" ]; then mv -f "$dir/.history.old" "$dir/history"; else rm -f "$dir/history"; fi
+}
 if [ -n "$new" ]; then
   [ -f "$dir/releases/$new/manifest.json" ] || { echo "release $new is not complete" >&2; exit 4; }
-  rm -f "$dir/.current.new"
-  ln -s "releases/$new" "$dir/.current.new"
-  mv -T -f "$dir/.current.new" "$dir/current" 2>/dev/null ||
-    python3 -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$dir/.current.new" "$dir/current"
-else
-  rm -f "$dir/current"
 fi
-{ [ -z "$hist" ] || printf '%s\n' "$hist"; } > "$dir/.history.new"
-mv -f "$dir/.history.new" "$dir/history"
-for p; do rm -rf -- "$dir/releases/$p"; done
+{ [ -z "$hist" ] || printf '%s\n' "$hist"; } > "$dir/.history.new" 2>/dev/null &&
+  [ "$(cat "$dir/.history.new")" = "$hist" ] || fail "cannot write $dir/.history.new (disk full?)"
+if [ -n "$new" ]; then
+  rm -f "$dir/.current.new"
+  ln -s "releases/$new" "$dir/.current.new" 2>/dev/null || fail "cannot create $dir/.current.new (disk full?)"
+fi
+rm -f "$dir/.history.old"
+if [ -f "$dir/history" ]; then ln "$dir/history" "$dir/.history.old" 2>/dev/null || fail "cannot keep $dir/history"; fi
+mv -f "$dir/.history.new" "$dir/history" || fail "cannot replace $dir/history"
+if [ -n "$new" ]; then
+  mv -T -f "$dir/.current.new" "$dir/current" 2>/dev/null ||
+    python3 -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$dir/.current.new" "$dir/current" ||
+    { unhistory; fail "cannot replace $dir/current"; }
+else
+  rm -f "$dir/current" || { unhistory; fail "cannot remove $dir/current"; }
+fi
+rm -f "$dir/.history.old"
+for p; do rm -rf -- "$dir/releases/$p" 2>/dev/null || echo "warning=could not delete $dir/releases/$p"; done
 sync
+exit 0
+"""
+
+_READLINK = r"""
+readlink "$1/current" 2>/dev/null || true
 """
 
 # Arguments: python, then its arguments. From / so that nothing in the login folder (such as ~/edgekit, the
@@ -114,13 +136,27 @@ def prune_list(state: DeviceState, history: list[str], keep: int, flashed: str |
     return [r for r in ranked if r not in kept]
 
 
-def switch(session: Session, path: str, release_id: str | None, history: list[str], prune: list[str]) -> None:
-    """Point ``current`` at ``release_id`` (None removes it), write the history, delete ``prune``."""
+def switch(session: Session, path: str, release_id: str | None, history: list[str], prune: list[str], *,
+           before: str | None) -> list[str]:
+    """Point ``current`` at ``release_id`` (None removes it), write the history, delete ``prune``; returns
+    warnings (releases that could not be deleted). ``before`` is the release current was at: on failure the
+    message says where current really points, read back from the device."""
     done = session.run(_SWITCH, [path, release_id or "", "\n".join(history), *prune], what="switching current",
                        timeout=None)   # deleting old releases and sync can take minutes on an SD card
+    name = session.device.name
     if done.returncode:
-        raise DeployFailed(f"{session.device.name}: cannot switch {path}/current to releases/{release_id} "
-                           f"({done.last_error()}): current was not changed", device=session.device.name)
+        now = session.run(_READLINK, [path], what="reading current").stdout.strip() or None
+        now_id = now.rstrip("/").split("/")[-1] if now else None
+        where = (f"current was not changed (still {_rel(before)})" if now_id == before else
+                 f"current now points to {_rel(now_id)}")
+        raise DeployFailed(f"{name}: cannot switch {path}/current to {_rel(release_id)} ({done.last_error()}): "
+                           f"{where}; check the free space on the device (df {path}), then run the command again",
+                           device=name)
+    return [ln[len("warning="):] for ln in done.stdout.splitlines() if ln.startswith("warning=")]
+
+
+def _rel(release: str | None) -> str:
+    return f"releases/{release}" if release else "unset"
 
 
 def rollback_target(state: DeviceState, name: str) -> tuple[str, list[str]]:

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
@@ -148,15 +149,50 @@ def _ssh_binary() -> str:
     return path
 
 
+class SessionGroup:
+    """The sessions of one command (``flash_many``'s threads), so that all can be cut at once.
+
+    ``abort(reason)`` -- on Ctrl-C, SIGTERM or SIGHUP in the thread that waits for them -- kills every ssh
+    process of every session (the shared connection included), removes their temporary folders, and makes
+    each session's next command, and any session opened afterwards, raise DeployFailed("interrupted").
+    """
+
+    def __init__(self):
+        self._sessions: set[Session] = set()
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+
+    def add(self, session: "Session") -> None:
+        with self._lock:
+            if self.reason is not None:
+                raise session.interrupted("connecting", self.reason)
+            self._sessions.add(session)
+
+    def discard(self, session: "Session") -> None:
+        with self._lock:
+            self._sessions.discard(session)
+
+    def abort(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.abort(reason)
+
+
 class Session:
     """One logged-in connection to a device, shared by every command of a flash (``with Session(dev) as s``)."""
 
-    def __init__(self, device: Device):
+    def __init__(self, device: Device, group: SessionGroup | None = None):
         self.device = device
+        self.group = group
         self._ssh = _ssh_binary()
         self._dir: str | None = None
         self._control: str | None = None
         self._master: subprocess.Popen | None = None
+        self._procs: set[subprocess.Popen] = set()    # ssh commands running now (killed by abort)
+        self._plock = threading.Lock()
+        self._aborted: str | None = None
 
     # ----- connection ---------------------------------------------------------------------------
     def _argv(self, *extra: str) -> list[str]:
@@ -181,6 +217,8 @@ class Session:
 
     def open(self) -> None:
         """Log in once; later commands reuse the connection. Raises DeviceUnreachable with ssh's reason."""
+        if self.group is not None:
+            self.group.add(self)
         self._dir = tempfile.mkdtemp(prefix="edgekit-ssh-")
         sock = os.path.join(self._dir, "c")
         argv = self._argv("-o", "ControlMaster=yes", "-o", f"ControlPath={sock}", "-o", "ControlPersist=no",
@@ -193,6 +231,8 @@ class Session:
                 # The control socket appears once the login succeeded; the process ends if it failed.
                 deadline = time.monotonic() + limit
                 while not os.path.exists(sock):
+                    if self._aborted:
+                        raise self.interrupted("connecting")
                     if proc.poll() is not None:
                         err.seek(0)
                         raise classify(err.read().decode("utf-8", "replace"), self.device, "connecting")
@@ -205,7 +245,37 @@ class Session:
                 raise
         self._control = sock
 
+    def abort(self, reason: str) -> None:
+        """Kill this session's ssh processes and close it; its next command raises DeployFailed (any thread)."""
+        with self._plock:
+            self._aborted = reason
+            procs = list(self._procs)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        self.close()
+
+    def interrupted(self, what: str, reason: str | None = None) -> DeployFailed:
+        name = self.device.name
+        return DeployFailed(f"{name}: interrupted ({reason or self._aborted}) while {what}: the connection was "
+                            f"closed; `edgekit releases {name}` shows what is current there, run the flash again "
+                            "to finish", device=name)
+
+    def _popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        with self._plock:
+            if self._aborted:
+                raise self.interrupted("starting a command")
+            p = subprocess.Popen(argv, **kw)
+            self._procs.add(p)
+            return p
+
+    def _forget(self, p: subprocess.Popen) -> None:
+        with self._plock:
+            self._procs.discard(p)
+
     def close(self) -> None:
+        if self.group is not None:
+            self.group.discard(self)
         master, self._master, self._control = self._master, None, None
         if master is not None and master.poll() is None:
             master.terminate()
@@ -229,13 +299,20 @@ class Session:
         """Run a script; a non-zero exit status is returned (the caller knows what it means), an ssh failure
         (exit 255) or a timeout raises."""
         argv = self._command_argv(script, args)
+        p = self._popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            p = subprocess.run(argv, input=input, stdin=None if input is not None else subprocess.DEVNULL,
-                               capture_output=True, timeout=timeout)
+            out, err = p.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
             raise DeployFailed(f"{self.device.name}: no answer within {timeout:.0f}s while {what}: check the device "
                                "(load, disk), then run the command again", device=self.device.name) from None
-        done = Completed(p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace"))
+        finally:
+            self._forget(p)
+        if self._aborted:
+            raise self.interrupted(what)
+        done = Completed(p.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
         if p.returncode == 255:
             raise classify(done.stderr, self.device, what)
         return done
@@ -249,7 +326,7 @@ class Session:
         """
         argv = self._command_argv(script, args)
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err)
+            proc = self._popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err)
             written = 0
             try:
                 while written < count:
@@ -271,7 +348,26 @@ class Session:
                     except OSError:
                         pass
                 rc = proc.wait()
+                self._forget(proc)
+            if self._aborted:
+                raise self.interrupted(what)
             out.seek(0)
             err.seek(0)
             done = Completed(rc, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"))
         return written, done
+
+    def start(self, script: str, args=()) -> subprocess.Popen:
+        """Start a script that runs until its stdin is closed (the device lock); pipes for stdin and stdout.
+        The caller closes stdin and calls :meth:`finish`."""
+        # Unbuffered: the caller waits for lines with select(), which cannot see bytes already in a buffer.
+        return self._popen(self._command_argv(script, args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, bufsize=0)
+
+    def finish(self, proc: subprocess.Popen, timeout: float = 15) -> None:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        finally:
+            self._forget(proc)

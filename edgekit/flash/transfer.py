@@ -5,6 +5,8 @@
   interrupted transfer continues from its size; everything else is sent.
 - **Send**: one ``cat >> NAME.part`` per file over the shared ssh connection, so nothing but ssh and a
   POSIX shell is needed on the device and a partial file never has its final name.
+- **Check here**: each file sent is hashed while it is read; a local file that does not match the manifest
+  (the bundle was edited after it was built) stops the flash naming that file.
 - **Verify**: ``sha256sum`` on the device, for every file, compared here with the manifest. A file sent
   in this run that does not match is deleted and the flash fails naming it; a reused file that does not
   match (an older release rotted on disk) is deleted and sent once more.
@@ -15,9 +17,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from ..errors import DeployFailed
 from .probe import DeviceState
@@ -155,24 +158,56 @@ def prepare(session: Session, path: str, release_id: str, actions: list[FileActi
                            f"({done.last_error()}): check the disk and permissions there", device=session.device.name)
 
 
+class _Hashing:
+    """A file read for sending that also feeds sha256: the local copy is checked by the same read."""
+
+    def __init__(self, f: BinaryIO, digest):
+        self.f, self.digest = f, digest
+
+    def read(self, n: int) -> bytes:
+        chunk = self.f.read(n)
+        self.digest.update(chunk)
+        return chunk
+
+
 def send_file(session: Session, path: str, release_id: str, action: FileAction, local: Path,
               on_bytes: Callable[[int], None]) -> int:
     """Send one file (from ``action.offset``) into NAME.part; returns the bytes sent. DeployFailed with how far
-    it got when the connection breaks (the next flash continues from there)."""
+    it got when the connection breaks (the next flash continues from there).
+
+    The local file is hashed while it is read (a resumed file's first ``offset`` bytes are read here too): a
+    bundle edited after it was built (same size, other bytes) fails here naming the local file, and its
+    copy on the device is deleted, instead of failing the device's verification on every run."""
     name = session.device.name
+    digest = hashlib.sha256()
     with open(local, "rb") as f:
-        f.seek(action.offset)
-        sent, done = session.send(_SEND, [path, release_id, action.name, str(action.offset)], f, action.to_send,
-                                  what=f"sending {action.name}", on_bytes=on_bytes)
+        left = action.offset
+        while left:
+            chunk = f.read(min(left, 8 * 1024 * 1024))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+        sent, done = session.send(_SEND, [path, release_id, action.name, str(action.offset)], _Hashing(f, digest),
+                                  action.to_send, what=f"sending {action.name}", on_bytes=on_bytes)
     if done.returncode == 255:
         raise DeployFailed(f"{name}: connection lost while sending {action.name} ({action.offset + sent} of "
                            f"{action.size} bytes written): nothing was switched; run the same command again to "
                            "resume", device=name)
-    if done.returncode or sent != action.to_send:
-        why = done.last_error() if done.returncode else f"only {sent} of {action.to_send} bytes could be read locally"
+    if done.returncode:
+        why = done.last_error()
         hint = ("free space on the device or pass --path on a bigger disk" if "space" in why.lower()
                 else "run the same command again")
         raise DeployFailed(f"{name}: sending {action.name} failed ({why}): nothing was switched; {hint}", device=name)
+    got = digest.hexdigest()
+    if sent != action.to_send or got != action.sha256:
+        remove(session, path, release_id, [action.staged])
+        what = (f"is shorter than its manifest says ({action.offset + sent} of {action.size} bytes)"
+                if sent != action.to_send else
+                f"has sha256 {got[:12]}... but the bundle's manifest says {action.sha256[:12]}...")
+        raise DeployFailed(f"{name}: the local file {local} {what}: the bundle was changed after it was built; "
+                           "nothing was switched; rebuild the bundle (edgekit build) or restore the file, check "
+                           "it with `edgekit verify`, then flash again", device=name)
     return sent
 
 

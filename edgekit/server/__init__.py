@@ -69,6 +69,7 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
           max_queue: int = 8, max_context: int | None = None, memory_budget: int | str | None = None,
           threads: int | None = None, backend: str = "auto", model_name: str | None = None,
           thinking_budget: int | None = None, shutdown_timeout: float = 10.0, log_level: str = "info",
+          max_body_bytes: int | None = None,
           on_listening: Callable[[str], None] | None = None,
           on_ready: Callable[[str, str, int], None] | None = None) -> None:
     """Serve ``bundle`` on host:port until SIGTERM or SIGINT, then stop gracefully.
@@ -78,8 +79,8 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
     when the port is open (with port 0, the URL carries the port chosen). On SIGTERM/SIGINT the server stops
     accepting, refuses waiting requests (503), lets the running generation finish for ``shutdown_timeout``
     seconds, cancels it after that, and returns. ``thinking_budget`` caps R1's thought for requests that do
-    not send their own. Load errors (BundleError, BudgetExceeded, ...) are raised
-    after the port is closed again.
+    not send their own. ``max_body_bytes`` caps a request body (413 beyond; default 8 MiB). Load errors
+    (BundleError, BudgetExceeded, ...) are raised after the port is closed again.
     """
     require_extra()
     if not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
@@ -91,7 +92,13 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
     model_id = model_name or Path(bundle).resolve().name
 
     from ._uvicorn import run_server
-    from .app import create_app
+    from .app import MAX_BODY_BYTES, create_app
+
+    if max_body_bytes is None:
+        max_body_bytes = MAX_BODY_BYTES
+    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1024:
+        raise UserInputError(f"invalid max_body_bytes {max_body_bytes!r}: use at least 1024 bytes (1KiB); the "
+                             "default is 8MiB")
 
     sock = bind(host, port)
     url = url_for(host, sock.getsockname()[1])
@@ -110,7 +117,7 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
         if server_ref:
             server_ref[0].should_exit = True
 
-    app = create_app(None, api_key=api_key, max_queue=max_queue, model_name=model_id,
+    app = create_app(None, api_key=api_key, max_queue=max_queue, model_name=model_id, max_body_bytes=max_body_bytes,
                      shutdown_timeout=shutdown_timeout, thinking_budget=thinking_budget, loader=load_model,
                      on_ready=ready, on_load_failed=load_failed)
     state = app.state.server

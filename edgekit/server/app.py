@@ -3,7 +3,13 @@
 ``create_app(model)`` returns a Starlette app that can be driven without a port (tests) or run by uvicorn
 (``edgekit.server.serve``). Requests are validated and tokenized first (bad ones get a 4xx in OpenAI's
 error shape), then take a place at the generation slot (one generation at a time, ``max_queue`` waiting,
-429 beyond), then generate on a worker thread that streams events back to the event loop. A client that
+429 beyond), then generate on a worker thread that streams events back to the event loop.
+
+The work before the slot is bounded too, so that a burst of large requests cannot grow the server: a
+request is refused with 429 before it is even parsed when the line is full; parsing, rendering and
+tokenizing run one request at a time on one thread of their own; the template's output is cut at what the
+context could hold (``max_context`` tokens times the most characters one token of this tokenizer stands for)
+and refused without tokenizing it; bodies are capped at ``max_body_bytes``. A client that
 disconnects sets the runtime's ``cancel`` event, so its generation stops at the next token and the slot
 passes on; the slot is only released when the worker thread has really finished with the model.
 """
@@ -24,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..errors import GenerationError, UserInputError
+from ..errors import GenerationError, PromptTooLong, UserInputError
+from ..units import fmt_bytes
 from .jobs import ChatResponse, Job, send_json
 from .metrics import ServerMetrics
 from .queue import GenerationSlot, QueueFull, ShuttingDown
@@ -67,6 +73,7 @@ class ServerState:
         self.avg_generation_s = 1.0            # moving average, for Retry-After
         self.started = int(time.time())
         self._executor: ThreadPoolExecutor | None = None
+        self._prepare: ThreadPoolExecutor | None = None
 
     # ----- lifecycle ----------------------------------------------------------------------------
     def attach(self, model) -> None:
@@ -100,13 +107,22 @@ class ServerState:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgekit-generate")
         return self._executor
 
+    async def prepare(self, work: Callable[[], Any]) -> Any:
+        """Run ``work`` (parse, render, tokenize a request) on the one thread for that: requests are prepared
+        one at a time, so a burst of large ones holds one request's worth of memory, not one per request
+        (and one thread's malloc arena, not one per worker thread)."""
+        if self._prepare is None:
+            self._prepare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgekit-prepare")
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, work)
+
     def close(self) -> None:
         if not self.draining:
             self.begin_shutdown()
         if self.active is not None:
             self.active.stop("shutdown")
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
+        for pool in (self._executor, self._prepare):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def join(self) -> None:
         """Wait for the worker thread to let go of the model (after ``close``; it stops at the next token)."""
@@ -125,6 +141,12 @@ class ServerState:
                            type="server_error", code="model_loading", headers={"Retry-After": "5"})
         return self.model
 
+    def queue_full(self) -> ApiError:
+        return ApiError(429, f"the server is busy: one generation is running and {self.slot.depth} requests are "
+                             f"waiting (the limit, --max-queue {self.slot.max_queue}); retry after the Retry-After "
+                             "seconds", type="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(self.retry_after())})
+
     def retry_after(self) -> int:
         """Seconds until a place in line is likely free: the line ahead times the average generation."""
         return max(1, min(300, math.ceil(self.avg_generation_s * (self.slot.depth + 1))))
@@ -136,8 +158,8 @@ def _state(request: Request) -> ServerState:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    too_big = ApiError(413, f"the request body is larger than {limit // (1024 * 1024)} MiB: send a shorter "
-                            "conversation", code="request_too_large")
+    too_big = ApiError(413, f"the request body is larger than {fmt_bytes(limit)} (edgekit serve --max-body): send a "
+                            "shorter conversation", code="request_too_large")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_big
@@ -156,41 +178,83 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     model = state.require_model()
+    if state.slot.busy and state.slot.depth >= state.slot.max_queue:
+        raise state.queue_full()     # before reading, parsing or tokenizing anything
     raw, ctype = await _read_body(request, state.max_body_bytes), request.headers.get("content-type")
-    if len(raw) > 64 * 1024:  # parsing megabytes would stall every other connection: do it off the loop
-        params = await run_in_threadpool(lambda: parse_chat(parse_json_body(raw, ctype)))
-    else:
+    # No text of more characters than this fits the context: refused before tokenizing it.
+    max_chars = model.max_context * model.codec.max_token_chars
+
+    def prepare():
+        # Parse, render and tokenize in one go: what a large request unpacks into is freed before the next
+        # request's turn (parsing all waiting requests first would hold all of them at once).
         params = parse_chat(parse_json_body(raw, ctype))
-    if params.thinking_budget is None and state.thinking_budget is not None:
-        params = dataclasses.replace(params, thinking_budget=state.thinking_budget)
+        if params.thinking_budget is None and state.thinking_budget is not None:
+            params = dataclasses.replace(params, thinking_budget=state.thinking_budget)
+        model.codec.render(params.messages, add_generation_prompt=True, max_chars=max_chars)
+        return params, model.request(**params.runtime_kwargs())
+
+    big = len(raw) > _TRIM_AFTER
+
+    def prepare_and_trim():
+        try:
+            return prepare()
+        finally:
+            if big:
+                _trim_heap()
+
     try:
-        # Render the template and tokenize now (off the loop): a bad or too-long prompt is refused before it
-        # takes a place in line, with the numbers in the message.
-        prepared = await run_in_threadpool(lambda: model.request(**params.runtime_kwargs()))
+        # Off the loop (parsing megabytes would stall every other connection): a bad or too-long prompt is
+        # refused before it takes a place in line, with the numbers in the message.
+        params, prepared = await state.prepare(prepare_and_trim)
+    except PromptTooLong:
+        raise _too_long(model, f"more than {max_chars} characters (no text that long fits in "
+                               f"{model.max_context} tokens of this tokenizer)") from None
     except GenerationError as e:
         raise bad(str(e), "messages") from None
+    finally:
+        del raw
     n = len(prepared.prompt_ids)
     if n >= model.max_context:
-        limit = model.manifest.max_context
-        raise ApiError(400, f"the prompt has {n} tokens but this server's context is {model.max_context} tokens "
-                            f"(prompt + completion): shorten the messages"
-                            + (f", or restart edgekit serve with a larger --max-context (this bundle allows up to "
-                               f"{limit})" if limit > model.max_context else ""),
-                       param="messages", code="context_length_exceeded")
+        raise _too_long(model, f"{n} tokens")
     if state.draining:
         raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
     try:
         ticket = state.slot.enter()
     except QueueFull:
-        raise ApiError(429, f"the server is busy: one generation is running and {state.slot.depth} requests are "
-                            f"waiting (the limit, --max-queue {state.slot.max_queue}); retry after the Retry-After "
-                            "seconds", type="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": str(state.retry_after())}) from None
+        raise state.queue_full() from None
     except ShuttingDown:
         raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
     state.metrics.queue_depth.set(state.slot.depth)
     reasoning = prepared.in_reasoning or bool(model.defaults.get("reasoning"))
     return ChatResponse(Job(state, model, params, ticket, n, reasoning))
+
+
+_TRIM_AFTER = 1024 * 1024
+_libc: list = []
+
+
+def _trim_heap() -> None:
+    """Give the pages a large request was unpacked into back to the system (glibc keeps freed heap pages
+    otherwise, and a burst of large requests would leave the server tens of MiB bigger each time)."""
+    if not _libc:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+        except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to trim with
+            _libc.append(None)
+    if _libc[0] is not None:
+        _libc[0](0)
+
+
+def _too_long(model, size: str) -> ApiError:
+    limit = model.manifest.max_context
+    return ApiError(400, f"the prompt has {size} but this server's context is {model.max_context} tokens "
+                         f"(prompt + completion): shorten the messages"
+                         + (f", or restart edgekit serve with a larger --max-context (this bundle allows up to "
+                            f"{limit})" if limit > model.max_context else ""),
+                    param="messages", code="context_length_exceeded")
 
 
 def _model_card(state: ServerState) -> dict:
