@@ -1,8 +1,8 @@
 """What the compact storage of K-quant GGUFs costs in fidelity, size and speed, on a real model.
 
 R1-Distill's Q4_K_M files store most linears as Q4_K and ffn_down / attn_v / the LM head as Q6_K. onnxruntime's
-MatMulNBits has no fast 6-bit form, so an INT4 bundle either keeps Q6_K's codes as 8-bit (`--exact-blocks`,
-~1.1x the GGUF) or re-quantizes those tensors to 4 bits (the default, <= 1x). This script measures the
+MatMulNBits has no fast 6-bit form, so an INT4 bundle either keeps Q6_K's codes as 8-bit (the default, ~1.1x
+the GGUF) or re-quantizes those tensors to 4 bits (`--compact-blocks`, <= 1x). This script measures the
 difference on SmolLM2-135M with its ffn_down stored as Q6_K (the one SmolLM2 linear whose width is a multiple of
 256, as K-quants need), against that file's own fp32 weights, teacher-forced (`edgekit eval`).
 
@@ -65,9 +65,9 @@ def main() -> None:
         write_q6k_variant(packaged_model_path("smollm2"), variant)
     edgekit = [sys.executable, "-m", "edgekit"]
     rows = []
-    for label, extra in (("compact (default)", []), ("--exact-blocks", ["--exact-blocks"])):
+    for label, extra in (("exact (default)", []), ("--compact-blocks", ["--compact-blocks"])):
         for level in ("4", "0"):
-            bundle = args.work / f"b-{'exact' if extra else 'compact'}-{level}"
+            bundle = args.work / f"b-{'compact' if extra else 'exact'}-{level}"
             subprocess.run(edgekit + ["build", str(variant), "--target", "cpu", "-p", "int4", "-c", "1024",
                                       "--accuracy-level", level, "-o", str(bundle), "--force", "--no-cache"] + extra,
                            check=True, capture_output=True)
@@ -94,8 +94,7 @@ def main() -> None:
 
 
 def _decode_rate(bench: dict) -> float:
-    results = bench.get("results") or [bench]
-    r = results[0]
+    r = (bench.get("cases") or bench.get("results") or [bench])[0]
     for key in ("decode_tok_s", "decode_tokens_per_s", "decode_tok_s_median"):
         if key in r:
             value = r[key]

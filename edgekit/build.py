@@ -71,8 +71,9 @@ class QuantOptions:
     calibration_tokens: int = 1024
     head_bits: int = 8              # the LM head: 8 (default, the precision policy) or 4 (faster, less faithful)
     # Keep every GGUF block type exactly even where that costs bytes (Q6_K/Q5_0 codes as 8-bit: a Q4_K_M file
-    # becomes ~1.10x its size on onnxruntime); by default an INT4 build re-quantizes those to 4 bits.
-    exact: bool = False
+    # becomes ~1.09x its size on onnxruntime). False (--compact-blocks) re-quantizes those to 4 bits: <= 1x the
+    # GGUF, but SmolLM2 with a Q6_K ffn_down fell from 95.7% to 84.8% top-1 (benchmarks/kquant_fidelity.py).
+    exact: bool = True
 
     def settings(self):
         """What of these options changes the stored bytes (the planner's view)."""

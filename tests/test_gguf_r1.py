@@ -132,9 +132,11 @@ def test_tensor_type_mix(r1_gguf, r1):
 
 # ----- plan --------------------------------------------------------------------------------------
 # Planned int4 weights against the GGUF's own tensor bytes (4,677,120,000 B): before the storage model, cpu was
-# 1.11 (fp32 scales; the built bundle 1.41); now the plan is what the build writes (benchmarks/r1_7b.py built
-# both: cpu 0.990, orin-nano 1.018), and bundles must stay within 1.05.
-WEIGHTS_VS_GGUF = (0.95, 1.05)
+# 1.11 (fp32 scales; the built bundle 1.41); now the plan is what the build writes (benchmarks/r1_7b.py). On
+# onnxruntime the exact Q6_K blocks take a byte per weight (1.10); --compact-blocks stays within 1.05 (0.99);
+# TensorRT re-quantizes to its symmetric INT4 (1.02).
+WEIGHTS_VS_GGUF = {"orin-nano": (0.95, 1.05), "cpu": (1.05, 1.12)}
+COMPACT_VS_GGUF = (0.95, 1.05)
 
 
 @pytest.mark.parametrize("target", ["orin-nano", "cpu"])
@@ -154,8 +156,13 @@ def test_plan_figures(target, r1_gguf):
         assert p.overhead == reference.overhead
     assert p.budget == reference.budget
     gguf_bytes = sum(t.n_bytes for t in read_header(r1_gguf).tensors)
-    low, high = WEIGHTS_VS_GGUF
+    low, high = WEIGHTS_VS_GGUF[target]
     assert low * gguf_bytes <= p.weights_bytes <= high * gguf_bytes, (p.weights_bytes, gguf_bytes)
+    from edgekit.quant.sizes import QuantSettings
+
+    compact = plan(spec, load_target(target), precision="int4", context=4096, quant=QuantSettings(exact=False))
+    low, high = COMPACT_VS_GGUF
+    assert low * gguf_bytes <= compact.weights_bytes <= high * gguf_bytes
     assert p.total_bytes == p.weights_bytes + p.kv_bytes + p.workspace_bytes + p.overhead_bytes
     # The CLI prints the same plan.
     result = CliRunner().invoke(cli, ["plan", str(r1_gguf), "--target", target, "--json"])

@@ -81,10 +81,10 @@ def test_dense_plans_equal_the_build(sources, tmp_path, precision):
         "weights_bytes"]
 
 
-@pytest.mark.parametrize("exact, ceiling", [(False, 1.05), (True, 1.20)])
-def test_k_quant_bundle_is_no_bigger_than_the_gguf(sources, tmp_path, exact, ceiling):
+@pytest.mark.parametrize("exact, ceiling", [(False, 1.05), (True, 1.20)])     # --compact-blocks, the default
+def test_k_quant_bundle_size_against_the_gguf(sources, tmp_path, exact, ceiling):
     """Q4_K carried with its own sub-block scales (4.625 bits vs 4.5), Q6_K linears re-quantized to 4 bits
-    unless --exact-blocks keeps them as 8-bit codes; the norms and rotary tables are extra (the rotary tables
+    with --compact-blocks, kept as 8-bit codes by default; the norms and rotary tables are extra (the rotary tables
     grow with the context: this tiny model is 128 positions)."""
     gguf_bytes = _tensor_bytes(sources["kmix"])
     result = build(sources["kmix"], load_target("cpu"), output=tmp_path / "b", precision="int4", context=CONTEXT,

@@ -181,7 +181,7 @@ def test_mixed_gguf_types_are_carried_over_exactly(tmp_path, arch):
     logits = {}
     codecs = {tag: QuantCodec("ort", "int4", np.float32, accuracy_level=0, head_accuracy_level=0,
                               reader=open_weights(source), **kw)
-              for tag, kw in (("exact", {"exact": True}), ("compact", {}), ("rtn", {"lossless": False}))}
+              for tag, kw in (("exact", {}), ("compact", {"exact": False}), ("rtn", {"lossless": False}))}
     for tag, codec in (("fp32", None), *codecs.items()):
         folder = tmp_path / tag
         folder.mkdir()
@@ -191,7 +191,7 @@ def test_mixed_gguf_types_are_carried_over_exactly(tmp_path, arch):
     assert exact.requantized == {} and exact.lossless["Q4_1"] == 4
     assert exact.lossless["Q8_0"] == 4 and exact.lossless["Q5_0"] == 2
     assert np.abs(logits["exact"] - logits["fp32"]).max() < 1e-3
-    # compact (the default): the 4-bit types and the Q8_0 LM head/embedding stay exact, the 8-bit-coded
+    # compact (--compact-blocks): the 4-bit types and the Q8_0 LM head/embedding stay exact, the 8-bit-coded
     # linears (v Q8_0, up Q5_0) become 4-bit: the logits move by 4-bit rounding, no more than re-quantizing
     # every weight (this random model amplifies rounding: both move by ~70% of the logit range)
     assert compact.lossless["Q4_1"] == 4 and compact.lossless["Q4_0"] == 6 and compact.lossless["Q8_0"] == 2

@@ -101,9 +101,9 @@ def _default_cache() -> Path:
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Your own calibration text (.txt paragraphs or .jsonl chat messages) for --method awq.")
 @click.option("--no-lossless", is_flag=True, help="Re-quantize GGUF blocks instead of carrying them over.")
-@click.option("--exact-blocks", is_flag=True,
-              help="INT4 from a GGUF: keep its 5-/6-bit blocks (Q6_K, Q5_0) exactly as 8-bit codes instead of "
-                   "re-quantizing them to 4 bits (about 1.1x the GGUF's size instead of <= 1x).")
+@click.option("--compact-blocks", is_flag=True,
+              help="INT4 from a GGUF: re-quantize its 5-/6-bit blocks (Q6_K, Q5_0) to 4 bits instead of keeping "
+                   "them exactly as 8-bit codes: <= 1x the GGUF's size instead of ~1.1x, at a fidelity cost.")
 @click.option("--lm-head", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="INT4/INT8 builds: the LM head's precision (int4 is smaller and faster, less faithful).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
@@ -115,7 +115,7 @@ def _default_cache() -> Path:
                    "perplexity) and record it in the manifest.")
 def build_cmd(model: str, target_name: str, precision: str | None, context_text: str, backend: str | None,
               output: Path | None, force: bool, method: str, block_size: str, accuracy_level: str | None,
-              calibration: Path | None, no_lossless: bool, exact_blocks: bool, lm_head: str, cache_dir: Path | None,
+              calibration: Path | None, no_lossless: bool, compact_blocks: bool, lm_head: str, cache_dir: Path | None,
               no_cache: bool, eval_tokens: int | None) -> None:
     """Build MODEL (a folder, a .gguf file, a hub id or `smollm2`) into a bundle for a target."""
     from ..build import QuantOptions, build, preflight
@@ -132,7 +132,7 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
         load_samples(calibration)             # a bad file fails now, not after minutes of work
     quant = QuantOptions(block_size=int(block_size), method=method, calibration=calibration,
                          accuracy_level=None if accuracy_level is None else int(accuracy_level),
-                         lossless=not no_lossless, head_bits=4 if lm_head == "int4" else 8, exact=exact_blocks)
+                         lossless=not no_lossless, head_bits=4 if lm_head == "int4" else 8, exact=not compact_blocks)
     bp = preflight(model, target, precision=precision, context=context, backend=backend, force=force, quant=quant)
     source = bp.source
     if output is None:

@@ -71,13 +71,13 @@ class QuantStats:
 
 
 class QuantCodec(FormPolicy):
-    """``exact``: keep every GGUF block type the ort dialect can hold exactly, even the 6-/5-bit ones that
-    then take a byte per weight (Q6_K, Q5_0); otherwise (the default) an INT4 build re-quantizes those to
-    4 bits so that the bundle is no bigger than the GGUF."""
+    """``exact`` (the build's default): keep every GGUF block type the ort dialect can hold exactly, even the
+    6-/5-bit ones that then take a byte per weight (Q6_K, Q5_0); otherwise an INT4 build re-quantizes those to
+    4 bits so that the bundle is no bigger than the GGUF (at a measured fidelity cost)."""
 
     def __init__(self, dialect: str, precision: str, float_dtype, *, block_size: int = 32,
                  accuracy_level: int = DEFAULT_ACCURACY_LEVEL, head_accuracy_level: int | None = None,
-                 head_bits: int = 8, reader=None, lossless: bool = True, exact: bool = False):
+                 head_bits: int = 8, reader=None, lossless: bool = True, exact: bool = True):
         if precision not in ("int4", "int8"):
             raise ValueError(precision)
         self.dialect, self.precision, self.dtype = dialect, precision, np.dtype(float_dtype)
@@ -264,7 +264,7 @@ class QuantCodec(FormPolicy):
         qtypes.discard(None)
         kept = sorted(q for q in qtypes if q in LOSSLESS)
         if kept and self.lossless:
-            return f"{'/'.join(kept)} re-quantized to {self.bits} bits (--exact-blocks keeps them)"
+            return f"{'/'.join(kept)} re-quantized to {self.bits} bits (--compact-blocks)"
         return "round-to-nearest from floats"
 
     def _trt_linear(self, b, x: str, name: str, weight, parts) -> str:

@@ -29,7 +29,7 @@ class QuantSettings:
     block_size: int = 32
     head_bits: int = 8
     lossless: bool = True
-    exact: bool = False
+    exact: bool = True
     accuracy_level: int = 4          # MatMulNBits: 4 = int8 compute (what onnxruntime CPU repacks for)
 
 
@@ -104,11 +104,11 @@ def build_weight_bytes(spec: ModelSpec, *, dialect: str, precision: str, graph_f
 
 
 # onnxruntime's CPU MatMulNBits repacks its weight when the session starts; with int8 compute (accuracy level 4)
-# the packed form holds, per block, the codes and three fp32 numbers (scale, block sum, and one more): measured
-# on onnxruntime 1.32 (x86-64 AVX-512; 18944 x 3584 weights, RssAnon after the first run): bits + 96 / block
-# bits per weight (+0.16), e.g. 7.16 for 4-bit blocks of 32 against 5 in the file. With fp32 compute (level 0)
-# 4-bit weights are repacked at their own size and 8-bit ones are read in place.
-REPACK_FP32_PER_BLOCK = 3
+# the packed form holds, per block, the codes and two fp32 numbers (scale and block sum): measured on
+# onnxruntime 1.32 (x86-64 AVX-512; 18944 x 3584 weights, RssAnon after the first run and malloc_trim): bits +
+# 64 / block bits per weight (+0.3), e.g. 6.3 for 4-bit blocks of 32 against 5 in the file. With fp32 compute
+# (level 0) 4-bit weights are repacked at their own size and 8-bit ones are read in place.
+REPACK_FP32_PER_BLOCK = 2
 
 
 def _cpu_repack_bytes(spec: ModelSpec, policy, qtype, level: int) -> int:

@@ -77,8 +77,7 @@ def graph_memory(manifest, info) -> dict:
                 "not match the graph (corrupt or hostile); rebuild the bundle")
         per_token += spec.num_kv_heads * spec.head_dim * _ELEM_BYTES[elem_type]
     graph_dir = graph.rpartition("/")[0]
-    # the external data files and the graph file itself (small initializers are stored inside it)
-    data = {f"{graph_dir}/{loc}" if graph_dir else loc for loc in info.locations} | {graph}
+    data = {f"{graph_dir}/{loc}" if graph_dir else loc for loc in info.locations}
     weights = sum(int(manifest.files[name]["size"]) for name in data if name in manifest.files)
     if manifest.engine:
         weights = max(weights, int(manifest.files[manifest.engine["file"]]["size"]))
@@ -148,3 +147,24 @@ def check_budget(memory: dict, max_context: int, *, budget: int | None = None,
         f"{need.workspace_bytes / MiB:.0f} MiB + runtime {need.overhead_bytes / MiB:.0f} MiB) but only "
         f"{limit / MiB:.0f} MiB is available ({what}); {hint}",
         needed_bytes=need.total_bytes, available_bytes=limit, max_context=fits if fits >= 16 else 0)
+
+
+_malloc_trim: list = []
+
+
+def release_free_heap() -> None:
+    """Give freed heap pages back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    glibc keeps freed heap pages, and its mmap threshold grows after large frees, so buffers of a few MiB end up
+    on the heap: onnxruntime's constant folding at session creation (the expansion of compact scales) left
+    ~2.6 GiB of such pages behind for R1-Distill-Qwen-7B, and a burst of large server requests tens of MiB."""
+    if not _malloc_trim:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+        except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to trim with
+            _malloc_trim.append(None)
+    if _malloc_trim[0] is not None:
+        _malloc_trim[0](0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendUnavailable, GenerationError
+from .memory import release_free_heap
 
 _NP = {"float": np.float32, "float32": np.float32, "float16": np.float16}
 
@@ -51,6 +52,8 @@ class OrtDecoder:
             self.session = ort.InferenceSession(model_path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types; keep one line
             raise BackendUnavailable(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0][:300]}") from None
+        finally:
+            release_free_heap()     # what constant folding and repacking freed (GiBs for a 7B), back to the system
         if backend == "onnxruntime-cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             # onnxruntime silently falls back to CPU when CUDA cannot start; a robot must not run 20x slower unnoticed
             raise BackendUnavailable("onnxruntime could not start CUDA (no GPU or driver) and fell back to the CPU: "

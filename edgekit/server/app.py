@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..errors import GenerationError, PromptTooLong, UserInputError
+from ..runtime.memory import release_free_heap
 from ..units import fmt_bytes
 from .jobs import ChatResponse, Job, send_json
 from .metrics import ServerMetrics
@@ -230,22 +231,11 @@ async def chat_completions(request: Request) -> Response:
 
 
 _TRIM_AFTER = 1024 * 1024
-_libc: list = []
 
 
 def _trim_heap() -> None:
-    """Give the pages a large request was unpacked into back to the system (glibc keeps freed heap pages
-    otherwise, and a burst of large requests would leave the server tens of MiB bigger each time)."""
-    if not _libc:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _libc.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
-        except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to trim with
-            _libc.append(None)
-    if _libc[0] is not None:
-        _libc[0](0)
+    """Give the pages a large request was unpacked into back to the system."""
+    release_free_heap()
 
 
 def _too_long(model, size: str) -> ApiError:
