@@ -128,39 +128,45 @@ class QuantCodec(FormPolicy):
 
     # ----- emit: factors, MatMulNBits ----------------------------------------------------------------
     def _factor(self, b, name: str, f, rows: str | None = None) -> str:
-        """The (…, n_blocks) fp32 values of a stored Factor: (N, nb) from its initializers, or (B, S, nb) for the
-        rows ``rows`` (token ids) only. The initializers are written once per name (a tied head reuses them)."""
+        """The fp32 values of a stored Factor in its natural shape: (N, G, per) with sub-block multipliers,
+        else (N, nb); for ``rows`` (token ids) only those rows, (B, S, …). The initializers are written once
+        per name (a tied head reuses the embedding's).
+
+        Few nodes on purpose: onnxruntime keeps every constant-folded intermediate until folding ends, and
+        each is a float per block (R1-7B: ~0.8 GB), so the load peak grows with the length of this chain.
+        """
         names = self._written.get(name)
         if names is None:
-            names = self._written[name] = (b.weight(f"{name}.base", f.base),
-                                           None if f.mult is None else b.weight(f"{name}.mult", f.mult))
+            if f.mult is None:
+                names = (b.weight(f"{name}.base", f.base), None)
+            else:                                   # base (N, G, 1) x mult (N, G, per): one Mul, no reshapes
+                n, groups = f.base.shape
+                names = (b.weight(f"{name}.base", f.base.reshape(n, groups, 1)),
+                         b.weight(f"{name}.mult", f.mult.reshape(n, groups, -1)))
+            self._written[name] = names
         base, mult = names
         tag = name if rows is None else f"{name}.rows"      # node names (and so output names) stay unique
         if rows is not None:
-            base = b.op("Gather", base, rows, axis=0, name=f"{tag}/GatherBase")                # (B, S, G)
+            base = b.op("Gather", base, rows, axis=0, name=f"{tag}/GatherBase")                # (B, S, G[, 1])
             mult = None if mult is None else b.op("Gather", mult, rows, axis=0, name=f"{tag}/GatherMult")
         base = b.op("Cast", base, to=TensorProto.FLOAT, name=f"{tag}/CastBase")
         if mult is None:
             return base
-        return self._expand(b, tag, base, mult, f.base.shape[1], f.mult.shape[1], 1 if rows is None else 2)
+        return b.op("Mul", b.op("Cast", mult, to=TensorProto.FLOAT, name=f"{tag}/CastMult"), base,
+                    name=f"{tag}/Expand")                                                    # (…, G, per)
 
-    def _expand(self, b, name: str, base: str, mult: str, groups: int, blocks: int, lead: int) -> str:
-        #   mult (…, nb) ─Cast─Reshape (…, G, per)─ * base (…, G, 1) ─Reshape─> (…, nb)
-        per = blocks // groups
-        m = b.op("Reshape", b.op("Cast", mult, to=TensorProto.FLOAT, name=f"{name}/CastMult"),
-                 b.const([0] * lead + [groups, per]), name=f"{name}/Groups")
-        prod = b.op("Mul", m, b.op("Unsqueeze", base, b.const([-1]), name=f"{name}/BaseCol"), name=f"{name}/Expand")
-        return b.op("Reshape", prod, b.const([0] * lead + [blocks]), name=f"{name}/Blocks")
+    def _blocks(self, b, x: str, name: str, lead: list[int]) -> str:
+        """A factor's values as (…, nb): ``lead`` is the Reshape prefix, e.g. [N, nb] or [0, 0, nb]."""
+        return b.op("Reshape", x, b.const(lead), name=name)
 
     def _to_float(self, b, x: str, name: str) -> str:
         return x if self.onnx_float == TensorProto.FLOAT else b.op("Cast", x, to=self.onnx_float, name=name)
 
     def _nbits_node(self, b, x: str, name: str, enc: NBits, level: int | None = None) -> str:
         #   x ─MatMulNBits─> y ─(+)─> out            the (+) branch only for offsets (asymmetric GGUF blocks):
-        #   x ─Reshape (B,S,nb,bs)─ReduceSum─> (B,S,nb) ─MatMul(offsets^T (nb, N))─┘
-        scales32 = self._factor(b, f"{name}.scales", enc.scale)                               # (N, nb) fp32
-        scales = self._to_float(b, b.op("Reshape", scales32, b.const([-1]), name=f"{name}/ScalesFlat"),
-                                f"{name}/ScalesCast")
+        #   x ─Reshape (B·S, nb, bs)─ReduceSum─> (B·S, nb) ─Gemm(offsets (N, nb), transB)─Reshape like y─┘
+        scales32 = self._factor(b, f"{name}.scales", enc.scale)                          # (N, nb) or (N, G, per)
+        scales = self._to_float(b, self._blocks(b, scales32, f"{name}/ScalesFlat", [-1]), f"{name}/ScalesCast")
         inputs = [x, b.weight(f"{name}.qweight", enc.blob), scales]
         if enc.zero_point is not None:
             inputs.append(b.weight(f"{name}.zero_points", enc.packed_zero_points()))
@@ -171,18 +177,21 @@ class QuantCodec(FormPolicy):
             return y
         if enc.k % enc.block_size:
             raise ValueError("offsets need K to be a multiple of the block size")
-        offsets = self._offsets(b, name, enc, scales32)                                        # (N, nb) fp32
-        offsets_t = self._to_float(b, b.op("Transpose", offsets, perm=[1, 0], name=f"{name}/OffsetsT"),
-                                   f"{name}/OffsetsCast")                                      # (nb, N)
-        blocks = b.op("Reshape", x, b.const([0, 0, enc.n_blocks, enc.block_size]), name=f"{name}/Blocks")
-        sums = b.op("ReduceSum", blocks, b.const([-1]), keepdims=0, name=f"{name}/BlockSums")    # (B, S, nb)
-        shift = b.op("MatMul", sums, offsets_t, name=f"{name}/Offsets")
+        offsets = self._offsets(b, name, enc, scales32)                                   # like scales32
+        if enc.offset.mult is not None:
+            offsets = self._blocks(b, offsets, f"{name}/OffsetBlocks", [enc.n, enc.n_blocks])
+        offsets = self._to_float(b, offsets, f"{name}/OffsetsCast")                      # (N, nb)
+        blocks = b.op("Reshape", x, b.const([-1, enc.n_blocks, enc.block_size]), name=f"{name}/Blocks")
+        sums = b.op("ReduceSum", blocks, b.const([-1]), keepdims=0, name=f"{name}/BlockSums")    # (B·S, nb)
+        shift = b.op("Gemm", sums, offsets, transB=1, name=f"{name}/Offsets")                   # (B·S, N)
+        shift = b.op("Reshape", shift, b.op("Shape", y, name=f"{name}/OutShape"), name=f"{name}/OffsetsShape")
         return b.op("Add", y, shift, name=f"{name}/AddOffsets")
 
     def _offsets(self, b, name: str, enc: NBits, scales32: str, rows: str | None = None) -> str:
         """offset_sign * offset + offset_shift * scales, fp32, same shape as ``scales32``."""
         off = self._factor(b, f"{name}.offsets", enc.offset, rows)
-        off = b.op("Mul", off, b.const(enc.offset_sign, np.float32), name=f"{name}/OffsetSign")
+        if enc.offset_sign != 1.0:
+            off = b.op("Mul", off, b.const(enc.offset_sign, np.float32), name=f"{name}/OffsetSign")
         return b.op("Add", off, b.op("Mul", scales32, b.const(enc.offset_shift, np.float32), name=f"{name}/Shift"),
                     name=f"{name}/OffsetTotal")
 
@@ -348,12 +357,12 @@ class QuantCodec(FormPolicy):
             codes = b.op("Reshape", pair, b.const([0, 0, enc.n_blocks, enc.block_size]), name="embed/Codes")
         vals = b.op("Sub", b.op("Cast", codes, to=TensorProto.FLOAT, name="embed/Cast"),
                     b.const(float(enc.zero), np.float32), name="embed/Center")            # (B, S, nb, bs)
-        scale = self._factor(b, "embed.scales", enc.scale, ids)                                # (B, S, nb)
-        rows = b.op("Mul", vals, b.op("Unsqueeze", scale, b.const([-1]), name="embed/ScaleCol"), name="embed/Scale")
+        scale = self._factor(b, "embed.scales", enc.scale, ids)                        # (B, S, nb | G, per)
+        col = [0, 0, enc.n_blocks, 1]                                                          # (B, S, nb, 1)
+        rows = b.op("Mul", vals, self._blocks(b, scale, "embed/ScaleCol", col), name="embed/Scale")
         if enc.offset is not None:
-            off = self._offsets(b, "embed", enc, scale, ids)                                     # (B, S, nb)
-            rows = b.op("Add", rows, b.op("Unsqueeze", off, b.const([-1]), name="embed/OffsetCol"),
-                        name="embed/Offset")
+            off = self._offsets(b, "embed", enc, scale, ids)
+            rows = b.op("Add", rows, self._blocks(b, off, "embed/OffsetCol", col), name="embed/Offset")
         flat = b.op("Reshape", rows, b.const([0, 0, -1]), name="embed/Flatten")           # (B, S, nb*bs)
         if enc.n_blocks * enc.block_size != enc.k:
             flat = b.op("Slice", flat, b.const([0]), b.const([enc.k]), b.const([2]), name="embed/Unpad")
@@ -369,8 +378,8 @@ class QuantCodec(FormPolicy):
         if "enc" in t:
             enc: NBits = t["enc"]
             name = "embed" if tied else "lm_head"
-            scales = self._to_float(b, b.op("Reshape", self._factor(b, f"{name}.scales", enc.scale), b.const([-1]),
-                                            name="lm_head/ScalesFlat"), "lm_head/ScalesCast")
+            scales = self._to_float(b, self._blocks(b, self._factor(b, f"{name}.scales", enc.scale),
+                                                    "lm_head/ScalesFlat", [-1]), "lm_head/ScalesCast")
             return b.op("MatMulNBits", flat, t["blob"], scales, domain="com.microsoft", K=enc.k, N=enc.n,
                         bits=enc.bits, block_size=enc.block_size, accuracy_level=self.head_accuracy_level,
                         name="lm_head/MatMulNBits")

@@ -88,8 +88,9 @@ def decode(qtype: str, raw: np.ndarray) -> NBits | None:
         sc, mn = _k4_scales(raw)                                                   # (N, nb, 8)
         qs = raw[..., 16:144].reshape(n, nb, 4, 1, 32)                             # 4 groups of 64 values
         codes = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb * 8, 32)
+        # -dmin stored negated (exact in fp16), so the graph's offset is one product: (-dmin) * m + 8 * d * sc
         return _nbits(4, 32, codes, Factor(_f16(raw, 0), sc.reshape(n, -1)),
-                      Factor(_f16(raw, 2), mn.reshape(n, -1)), -1.0, 8.0)
+                      Factor(-_f16(raw, 2), mn.reshape(n, -1)), 1.0, 8.0)
     # Q6_K: ql (128) low nibbles, qh (64) two high bits, 16 int8 scales, d
     ql = raw[..., 0:128].reshape(n, nb, 2, 1, 64)
     ql = np.concatenate([ql & 0x0F, ql >> 4], axis=3).reshape(n, nb, 2, 4, 32)     # (half, quarter, 32)
