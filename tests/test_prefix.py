@@ -156,6 +156,9 @@ def test_ort_dialect_reuse_is_token_identical(tiny_bundle):
     assert model.decoder.dialect == "ort" and model.prefix_reuse
     _check_chat(model)
     _check_edges(model)
+    off = load(tiny_bundle, prefix_reuse=False)                     # the Python API's switch
+    assert [off.generate("the same prompt", max_new_tokens=3).cached_tokens for _ in range(2)] == [0, 0]
+    assert [model.generate("the same prompt", max_new_tokens=3).cached_tokens > 0 for _ in range(2)][1]
 
 
 @pytest.fixture(scope="module")
