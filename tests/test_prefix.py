@@ -18,7 +18,7 @@ from edgekit.build import QuantOptions, build  # noqa: E402
 from edgekit.engine import builder as eb  # noqa: E402
 from edgekit.runtime.generate import GenerationRequest, run  # noqa: E402
 from edgekit.runtime.model import load  # noqa: E402
-from edgekit.runtime.prefix import common_prefix  # noqa: E402
+from edgekit.runtime.prefix import common_prefix, prefill_bounds  # noqa: E402
 from edgekit.runtime.sampling import SamplingParams  # noqa: E402
 from edgekit.runtime.trt_backend import open_engine_decoder  # noqa: E402
 from edgekit.target import load_target  # noqa: E402
@@ -80,9 +80,10 @@ def _check_chat(model):
     assert all(len(t) == NEW for _, t, _, _ in fresh)
     (ids1, t1, c1, f1), (ids2, t2, c2, f2), (ids3, t3, c3, f3) = reused
     assert c1 == 0 and f1 == len(ids1) + NEW - 1
-    # the second prompt extends prompt 1 + answer 1; the last sampled token of answer 1 was never run
-    assert c2 == len(ids1) + NEW - 1 and f2 == len(ids2) - c2 + NEW - 1
-    assert c3 == len(ids2) + 2 == common_prefix(ids2 + t2[:-1], ids3)
+    # the second prompt extends prompt 1 + answer 1: the prompt's prefill rows are kept, answer 1's rows (written
+    # by one-token decode steps, other kernels) are prefilled again
+    assert c2 == len(ids1) and f2 == len(ids2) - c2 + NEW - 1
+    assert common_prefix(ids2 + t2[:-1], ids3) == len(ids2) + 2 and c3 == len(ids2)
     assert f3 == len(ids3) - c3 + NEW - 1
     assert all(c == 0 for _, _, c, _ in fresh)
     assert [f for *_, f in fresh] == [len(ids) + NEW - 1 for ids, *_ in fresh]
@@ -102,11 +103,11 @@ def _check_edges(model):
     r = _generate(model, base + [30, 31, 32], reuse=True)              # strict extension of the prompt
     assert r.cached_tokens == len(base) and r.tokens == want["longer"]
     r = _generate(model, base[:7], reuse=True)                          # shorter than what is cached
-    assert r.cached_tokens == 6 and r.tokens == want["shorter"]
-    r = _generate(model, base[:7], reuse=True)                          # the same prompt: its last token runs again
-    assert r.cached_tokens == 6 and r.tokens == want["shorter"]
-    r = _generate(model, base, reuse=True)                              # the prompt, then its own answer
-    assert r.cached_tokens == common_prefix(base[:7] + want["shorter"][:-1], base) >= 7
+    assert r.cached_tokens == 5 and r.tokens == want["shorter"]
+    r = _generate(model, base[:7], reuse=True)                          # the same prompt: its last 2 tokens run again
+    assert r.cached_tokens == 5 and r.tokens == want["shorter"]
+    r = _generate(model, base, reuse=True)                              # the prompt's rows, not its answer's
+    assert common_prefix(base[:7] + want["shorter"][:-1], base) >= 7 and r.cached_tokens == 7
     assert r.tokens == want["base"]
 
     cancel = threading.Event()                                          # cancelled after the first streamed event
@@ -142,6 +143,13 @@ def _check_edges(model):
     assert model.decoder.position == 0 and model.decoder.cached == []
     r = _generate(model, base, reuse=True)
     assert r.cached_tokens == 0 and r.tokens == want["base"]
+
+
+def test_prefill_bounds_never_end_with_a_one_token_chunk():
+    assert prefill_bounds(0, 513, 256) == [0, 256, 511, 513]
+    assert prefill_bounds(0, 512, 256) == [0, 256, 512]
+    assert prefill_bounds(0, 1, 256) == [0, 1] and prefill_bounds(7, 9, 256) == [7, 9]
+    assert prefill_bounds(0, 3, 2) == [0, 2, 3]                         # chunk 2 cannot avoid it
 
 
 def test_common_prefix():
@@ -211,3 +219,29 @@ def test_smollm2_chat_is_identical_with_and_without_reuse(smollm2_bundle):
     # the first reused turn follows the fresh run's last sequence, which shares the system prompt with it
     assert all(r.cached_tokens > 40 for r in reused)
     assert reused[2].cached_tokens > reused[1].cached_tokens
+
+
+def test_smollm2_int4_reused_logits_equal_a_fresh_prefill_bit_for_bit(smollm2_gguf, tmp_path):
+    """INT4 (MatMulNBits, int8 activations): a token run alone and inside a prefill chunk give logits up to ~0.5
+    apart, so only prefill rows may be kept; then the logits after reuse are exactly those of a fresh prefill."""
+    from edgekit.runtime.prefix import reuse
+
+    model = load(build(smollm2_gguf, load_target("cpu"), output=tmp_path / "b", precision="int4",
+                       context=512).bundle)
+    history = [{"role": "system", "content": "You run a house. Lights: " + ", ".join(
+        f"room {i} {'on' if i % 3 else 'off'}" for i in range(40))}, {"role": "user", "content": "Is room 5 on?"}]
+    ids1 = model.codec.encode(model.render(messages=history)[0], add_special_tokens=False)
+    answer = _generate(model, ids1, reuse=True, new=12, chunk=64).tokens
+    history += [{"role": "assistant", "content": model.codec.decode(answer)}, {"role": "user", "content": "Thanks"}]
+    ids2 = model.codec.encode(model.render(messages=history)[0], add_special_tokens=False)
+    assert common_prefix(ids1 + answer, ids2) > len(ids1) + 2     # the answer's rows are there to be (wrongly) kept
+
+    def prefill(start):
+        bounds = prefill_bounds(start, len(ids2), 64)
+        return [np.array(model.decoder.step(np.array(ids2[a:b]))) for a, b in zip(bounds, bounds[1:])][-1]
+
+    kept = reuse(model.decoder, ids2)
+    assert kept == len(ids1)
+    reused = prefill(kept)
+    model.decoder.reset()
+    assert np.array_equal(reused, prefill(0))

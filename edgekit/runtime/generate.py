@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import GenerationError
-from .prefix import reuse as prefix_reuse
+from .prefix import prefill_bounds, reuse as prefix_reuse
 from .reasoning import FORCED_CLOSE, ReasoningSplitter, StopMatcher
 from .sampling import Sampler, SamplingParams
 
@@ -91,10 +91,11 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
         kept = 0
     prompt = np.asarray(ids, dtype=np.int64)
     logits = None
-    for start in range(kept, len(prompt), prefill_chunk):
+    bounds = prefill_bounds(kept, len(prompt), prefill_chunk)
+    for start, end in zip(bounds, bounds[1:]):
         if cancel is not None and cancel.is_set():
             break
-        logits = decoder.step(prompt[start:start + prefill_chunk])
+        logits = decoder.step(prompt[start:end])
 
     detok = codec.stream(skip_special_tokens=True)
     stopper = StopMatcher(list(request.stop))

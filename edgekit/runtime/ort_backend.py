@@ -41,8 +41,7 @@ class OrtDecoder(TokenRows):
         import onnxruntime as ort
 
         self.dialect, self.spec, self.capacity = dialect, spec, capacity
-        self.position = 0  # tokens in the cache
-        self.cached: list[int] = []  # their ids (prefix reuse)
+        self.reset()  # position 0: no tokens in the cache (TokenRows also tracks their ids, for prefix reuse)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings would go to the host program's stderr
         if threads:

@@ -175,7 +175,7 @@ class TrtDecoder(TokenRows):
         """``engine``: the engine file's path (streamed to TensorRT) or its bytes. ``unified_memory``: a Jetson,
         where the GPU's free memory is not checked here (see _check_memory)."""
         self.spec, self.capacity, self.vocab, self.position = spec, int(capacity), spec.vocab_size, 0
-        self.cached: list[int] = []   # the token ids in rows 0 .. position-1 (prefix reuse)
+        self.reset()   # TokenRows: the token ids in rows 0 .. position-1 (prefix reuse)
         self.max_seq, self.profiles, self.device = int(max_seq), dict(profiles), "cuda"
         self._cuda, self._trt = cuda, trt
         self._allocations: list[int] = []
