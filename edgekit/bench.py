@@ -75,10 +75,53 @@ def bench(model, prompt_lengths: list[int], new_tokens: int, runs: int = 3, *, i
     return cases
 
 
-def _once(model, ids: list[int], new_tokens: int, ignore_eos: bool):
+@dataclass(frozen=True)
+class SharedPrefixCase:
+    prefix_tokens: int
+    first_prompt_tokens: int
+    second_prompt_tokens: int
+    runs: int
+    first_ttft_ms: float       # medians over the runs; the first request starts from an empty cache
+    second_ttft_ms: float      # the same prefix, another question: only the differing tokens are prefilled
+    cached_tokens: int         # prompt tokens the second request kept from the first
+    ratio: float               # second_ttft_ms / first_ttft_ms
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 4 if k == "ratio" else 2) if isinstance(v, float) else v)
+                for k, v in self.__dict__.items()}
+
+
+_QUESTIONS = ("Question: which lights are on in the kitchen right now?",
+              "Question: is the front door locked, and what is the thermostat set to?")
+
+
+def shared_prefix(model, prefix_tokens: int, new_tokens: int, runs: int = 3, *, warmup: bool = True) -> SharedPrefixCase:
+    """Two requests sharing a ``prefix_tokens`` prefix (a long system prompt) with different questions after it:
+    the first from an empty cache, the second reusing the first's KV rows (prefix reuse). Medians over ``runs``."""
+    prefix = prompt_of(model, prefix_tokens)
+    first_ids, second_ids = (prefix + model.codec.encode(q, add_special_tokens=False) for q in _QUESTIONS)
+    if max(len(first_ids), len(second_ids)) + new_tokens > model.max_context:
+        raise UserInputError(f"--shared-prefix {prefix_tokens} + a question + {new_tokens} new tokens exceed "
+                             f"max_context {model.max_context}: use a shorter --shared-prefix/--new-tokens or a "
+                             "bundle with a longer context")
+    if warmup:
+        _once(model, prompt_of(model, min(8, model.max_context - 2)), 2, True)
+    firsts, seconds = [], []
+    for _ in range(runs):
+        model.decoder.reset()   # the first request pays the whole prompt
+        firsts.append(_once(model, first_ids, new_tokens, True, reuse=True))
+        seconds.append(_once(model, second_ids, new_tokens, True, reuse=True))
+    first = statistics.median(r.ttft_ms for r in firsts)
+    second = statistics.median(r.ttft_ms for r in seconds)
+    return SharedPrefixCase(prefix_tokens, len(first_ids), len(second_ids), runs, first, second,
+                            min(r.cached_tokens for r in seconds), second / first if first > 0 else 0.0)
+
+
+def _once(model, ids: list[int], new_tokens: int, ignore_eos: bool, *, reuse: bool = False):
     request = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(), max_new_tokens=new_tokens,
                                 ignore_eos=ignore_eos)
     with model._lock:
-        for event in run(model.decoder, model.codec, request, prefill_chunk=model.prefill_chunk, eos_ids=model.eos_ids):
+        for event in run(model.decoder, model.codec, request, prefill_chunk=model.prefill_chunk, eos_ids=model.eos_ids,
+                         reuse=reuse):
             if event.kind == "done":
                 return event.result

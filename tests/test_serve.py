@@ -189,6 +189,40 @@ def test_api_key(tiny_server):
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
+def test_prefix_reuse_in_usage_and_metrics(tiny_server, tmp_path):
+    """A second request sharing the system prompt prefills only the rest: usage and /metrics count it; a server
+    with --no-prefix-reuse prefills everything and answers the same."""
+    shared = "You control the lights of a house with twelve rooms. " * 4   # (the tiny template drops system)
+    turns = [[{"role": "user", "content": shared + q}] for q in ("Kitchen light on?", "Is the door locked?")]
+    before = tiny_server.metrics()
+    client = tiny_server.client()
+    got = [client.chat.completions.create(model="m", messages=t, max_tokens=4, temperature=0) for t in turns]
+    after = tiny_server.metrics()
+    cached = got[1].usage.prompt_tokens_details.cached_tokens
+    assert cached > 40 and cached < got[1].usage.prompt_tokens
+    delta = {k: after[k] - before.get(k, 0) for k in ("edgekit_prompt_tokens_cached_total",
+                                                      "edgekit_prompt_tokens_prefilled_total",
+                                                      "edgekit_prompt_tokens_total")}
+    assert delta["edgekit_prompt_tokens_total"] == sum(r.usage.prompt_tokens for r in got)
+    assert delta["edgekit_prompt_tokens_cached_total"] == sum(r.usage.prompt_tokens_details.cached_tokens
+                                                              for r in got)
+    assert delta["edgekit_prompt_tokens_prefilled_total"] == delta["edgekit_prompt_tokens_total"] - \
+        delta["edgekit_prompt_tokens_cached_total"]
+    plain = Server(tiny_server_bundle(tiny_server), tmp_path, "--no-prefix-reuse")
+    try:
+        again = [plain.client().chat.completions.create(model="m", messages=t, max_tokens=4, temperature=0)
+                 for t in turns]
+        assert [r.usage.prompt_tokens_details.cached_tokens for r in again] == [0, 0]
+        assert [r.choices[0].message.content for r in again] == [r.choices[0].message.content for r in got]
+        assert plain.metrics()["edgekit_prompt_tokens_cached_total"] == 0
+    finally:
+        assert plain.stop() == 0
+
+
+def tiny_server_bundle(server) -> str:
+    return server.proc.args[2]
+
+
 # ----- bad requests ---------------------------------------------------------------------------------
 def _malformed(rng: random.Random) -> list[tuple[str, bytes, dict]]:
     """100 (label, body, headers) cases, none of which is a valid request."""

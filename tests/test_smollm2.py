@@ -73,6 +73,18 @@ def test_bench_json(smollm2_bundle):
         assert c["ttft_ms"] > 0 and c["decode_tok_s"] > 0 and c["peak_rss_mib"] > 100
 
 
+def test_bench_shared_prefix_json(smollm2_bundle):
+    out = subprocess.run([*EDGEKIT, "bench", str(smollm2_bundle), "--shared-prefix", "300", "--new-tokens", "4",
+                          "--runs", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    case = json.loads(out.stdout)["shared_prefix"]
+    assert case["prefix_tokens"] == 300 and case["runs"] == 1
+    # the second prompt keeps the shared prefix (and the shared start of the question) and prefills the rest
+    assert 300 <= case["cached_tokens"] < case["second_prompt_tokens"]
+    assert case["first_ttft_ms"] > 0 and case["second_ttft_ms"] > 0
+    assert case["ratio"] == pytest.approx(case["second_ttft_ms"] / case["first_ttft_ms"], abs=1e-3)
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
 def test_chat_in_a_real_terminal(smollm2_bundle, tmp_path):
     """`edgekit chat` in tmux: a streamed reply, /reset, and a second turn."""

@@ -155,11 +155,27 @@ def chat_cmd(bundle, memory_budget, max_context, backend, threads, hide_reasonin
 @click.option("--new-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--ignore-eos", is_flag=True, help="Always generate --new-tokens tokens (comparable runs).")
+@click.option("--shared-prefix", type=click.IntRange(1), default=None, metavar="N",
+              help="Instead: TTFT of a request with an N-token prefix (from an empty cache) vs a second one sharing "
+                   "that prefix (prefix reuse), and their ratio.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_cmd(bundle, memory_budget, max_context, backend, threads, prompt_tokens, new_tokens, runs, ignore_eos,
-              as_json):
+              shared_prefix, as_json):
     """Time to first token, decode tok/s and peak memory for BUNDLE (medians over --runs)."""
-    from ..bench import bench
+    from ..bench import bench, shared_prefix as shared_prefix_case
+
+    if shared_prefix is not None:
+        model = _load(bundle, memory_budget, max_context, backend, threads)
+        case = shared_prefix_case(model, shared_prefix, new_tokens, runs)
+        if as_json:
+            echo_json({"bundle": str(bundle), "threads": threads, "shared_prefix": case.to_dict()})
+            return
+        click.echo(f"{'prefix':>7} {'prompt 1':>9} {'prompt 2':>9} {'cached':>7} {'ttft 1 ms':>10} "
+                   f"{'ttft 2 ms':>10} {'ratio':>7}")
+        click.echo(f"{case.prefix_tokens:>7} {case.first_prompt_tokens:>9} {case.second_prompt_tokens:>9} "
+                   f"{case.cached_tokens:>7} {case.first_ttft_ms:>10.1f} {case.second_ttft_ms:>10.1f} "
+                   f"{case.ratio:>7.3f}")
+        return
 
     try:
         lengths = [int(x) for x in prompt_tokens.split(",") if x.strip()]

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import GenerationError
+from .prefix import prefill_bounds, reuse as prefix_reuse
 from .reasoning import FORCED_CLOSE, ReasoningSplitter, StopMatcher
 from .sampling import Sampler, SamplingParams
 
@@ -31,6 +32,7 @@ class GenerationResult:
     total_ms: float
     reasoning_tokens: int = 0
     thinking_budget_hit: bool = False
+    cached_tokens: int = 0         # prompt tokens whose KV rows were kept from the previous request (not prefilled)
     tokens: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -60,8 +62,12 @@ class GenerationRequest:
 
 
 def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_ids: set[int],
-        cancel: threading.Event | None = None, started: float | None = None) -> Iterator[Event]:
-    """Generate for one request on ``decoder`` (which is reset first). Yields Events, the last one "done"."""
+        cancel: threading.Event | None = None, started: float | None = None, reuse: bool = False,
+        ) -> Iterator[Event]:
+    """Generate for one request on ``decoder``. Yields Events, the last one "done".
+
+    The decoder is reset first, or with ``reuse`` keeps the cache rows whose token ids start the prompt and
+    prefills only the rest (:mod:`edgekit.runtime.prefix`)."""
     t0 = started if started is not None else time.perf_counter()
     ids = request.prompt_ids
     capacity = decoder.capacity
@@ -78,13 +84,18 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
 
     sampler = Sampler(request.sampling, decoder.vocab)
     sampler.observe(ids)
-    decoder.reset()
+    if reuse:
+        kept = prefix_reuse(decoder, ids)
+    else:
+        decoder.reset()
+        kept = 0
     prompt = np.asarray(ids, dtype=np.int64)
     logits = None
-    for start in range(0, len(prompt), prefill_chunk):
+    bounds = prefill_bounds(kept, len(prompt), prefill_chunk)
+    for start, end in zip(bounds, bounds[1:]):
         if cancel is not None and cancel.is_set():
             break
-        logits = decoder.step(prompt[start:start + prefill_chunk])
+        logits = decoder.step(prompt[start:end])
 
     detok = codec.stream(skip_special_tokens=True)
     stopper = StopMatcher(list(request.stop))
@@ -149,5 +160,5 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
         prompt_tokens=len(ids), completion_tokens=n, finish_reason=finish,
         ttft_ms=((t_first or t_end) - t0) * 1000, decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
         total_ms=(t_end - t0) * 1000, reasoning_tokens=reasoning_tokens, thinking_budget_hit=budget_hit,
-        tokens=tokens)
+        tokens=tokens, cached_tokens=kept)
     yield Event("done", result=result)

@@ -31,7 +31,8 @@ def _parse_budget(value) -> int | None:
 class Model:
     """A loaded bundle. One generation runs at a time (the device holds one KV cache); calls are serialised."""
 
-    def __init__(self, manifest, decoder, codec: TextCodec, max_context: int, memory_need):
+    def __init__(self, manifest, decoder, codec: TextCodec, max_context: int, memory_need, *,
+                 prefix_reuse: bool = True):
         self.manifest = manifest
         self.spec = decoder.spec
         self.decoder = decoder
@@ -41,6 +42,9 @@ class Model:
         self.defaults: dict[str, Any] = dict(manifest.generation)
         self.eos_ids = set(manifest.tokenizer.get("eos_token_ids") or []) | set(self.spec.eos_token_ids)
         self.prefill_chunk = int(manifest.memory.get("prefill_chunk", 256))
+        # Keep the KV rows of the last sequence and prefill only from the first differing token id (a settable
+        # attribute: False prefills every prompt from scratch).
+        self.prefix_reuse = prefix_reuse
         self._lock = threading.Lock()
 
     # ----- prompt handling ----------------------------------------------------------------------
@@ -98,7 +102,7 @@ class Model:
         req = self.request(prompt, **kw)
         with self._lock:
             yield from run(self.decoder, self.codec, req, prefill_chunk=self.prefill_chunk, eos_ids=self.eos_ids,
-                           cancel=cancel, started=started)
+                           cancel=cancel, started=started, reuse=self.prefix_reuse)
 
     def generate(self, prompt: str | None = None, **kw) -> GenerationResult:
         for event in self.stream(prompt, **kw):
@@ -120,7 +124,8 @@ class Model:
 
 
 def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: int | str | None = None,
-         backend: str = "auto", threads: int | None = None, verify_weights: bool = False) -> Model:
+         backend: str = "auto", threads: int | None = None, verify_weights: bool = False,
+         prefix_reuse: bool = True) -> Model:
     """Load a bundle, checking it and the memory budget before anything is allocated.
 
     - The manifest is validated and every file's size checked; small files (graph, tokenizer, template) are
@@ -129,6 +134,8 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     - ``max_context`` (<= the bundle's) sets the KV cache size; the cache is allocated once, at load.
     - ``memory_budget`` (bytes or "3.5GiB") caps what edgekit may use below what the device has free.
     - ``backend``: "auto" (the bundle's), "onnxruntime-cpu", "onnxruntime-cuda" or "tensorrt".
+    - ``prefix_reuse`` (default on): a request whose prompt token ids start like the previous sequence (prompt
+      and generated tokens) keeps those KV rows and prefills only the rest; ``result.cached_tokens`` says how many.
     Raises BundleError, BudgetExceeded, BackendUnavailable; never exits, never touches the network.
     """
     manifest = read_manifest(bundle)
@@ -168,10 +175,11 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     if chosen == "tensorrt":   # probes the GPU and checks the engine before TensorRT is imported
         from .trt_backend import open_engine_decoder
 
-        return Model(manifest, open_engine_decoder(manifest, capacity=context), codec, context, need)
+        return Model(manifest, open_engine_decoder(manifest, capacity=context), codec, context, need,
+                     prefix_reuse=prefix_reuse)
     from .ort_backend import OrtDecoder
 
     decoder = OrtDecoder(str(graph_path), dialect=manifest.dialect, spec=manifest.spec(),
                          capacity=context, kv_dtype=manifest.graph.get("kv_dtype", "float32"), backend=chosen,
                          threads=threads)
-    return Model(manifest, decoder, codec, context, need)
+    return Model(manifest, decoder, codec, context, need, prefix_reuse=prefix_reuse)

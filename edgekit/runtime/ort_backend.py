@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, GenerationError
 from .memory import release_free_heap
+from .prefix import TokenRows
 
 _NP = {"float": np.float32, "float32": np.float32, "float16": np.float16}
 
@@ -32,7 +33,7 @@ def _providers(backend: str, ort) -> list:
     raise BackendUnavailable(f"backend {backend!r} is not an onnxruntime backend")
 
 
-class OrtDecoder:
+class OrtDecoder(TokenRows):
     """Runs the exported graph step by step over a fixed-capacity KV cache (batch 1)."""
 
     def __init__(self, model_path: str, *, dialect: str, spec, capacity: int, kv_dtype: str,
@@ -40,7 +41,7 @@ class OrtDecoder:
         import onnxruntime as ort
 
         self.dialect, self.spec, self.capacity = dialect, spec, capacity
-        self.position = 0  # tokens in the cache
+        self.reset()  # position 0: no tokens in the cache (TokenRows also tracks their ids, for prefix reuse)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings would go to the host program's stderr
         if threads:
@@ -91,17 +92,13 @@ class OrtDecoder:
         per_buffer = self.capacity * self.spec.num_kv_heads * self.spec.head_dim
         return per_buffer * np.dtype(self.dtype).itemsize * len(self.cache)
 
-    def reset(self) -> None:
-        """Forget the cache contents (the buffers stay; stale rows are never read past ``position``)."""
-        self.position = 0
-
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Append ``tokens`` (int64, (S,)) to the cache and return the logits of the last one, (V,) float32."""
-        return self._run(tokens)[-1]
+        return self._tracked(tokens, self._run)[-1]
 
     def step_all(self, tokens: np.ndarray) -> np.ndarray:
         """Like ``step``, for a graph exported with logits="all": the logits of every new token, (S, V) float32."""
-        logits = self._run(tokens)
+        logits = self._tracked(tokens, self._run)
         if logits.shape[0] != tokens.shape[0]:
             raise GenerationError("this graph returns the logits of the last token only: export it with "
                                   "logits='all' for step_all")

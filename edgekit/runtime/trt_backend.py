@@ -1,7 +1,8 @@
 """The TensorRT backend: a bundle's engine, its static KV cache on the GPU, and the same ``step`` as onnxruntime.
 
 Interface (what :mod:`edgekit.runtime.generate` uses): ``capacity``, ``vocab``, ``position``, ``reset()``,
-``step(tokens int64 (S,)) -> logits (V,) float32``.
+``step(tokens int64 (S,)) -> logits (V,) float32``, and ``cached``/``keep(n)`` for prefix reuse
+(:mod:`edgekit.runtime.prefix`: keeping n rows is setting ``position`` back to n).
 
 Graph contract (``tensorrt`` dialect, :mod:`edgekit.export.decoder`): inputs ``input_ids`` (1, S) and
 ``past_key_i``/``past_value_i`` (1, P, Hkv, D); outputs ``logits`` (1, 1, V) and ``new_key_i``/``new_value_i``
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, BudgetExceeded, BundleError, GenerationError, GpuStepFailed
+from .prefix import TokenRows
 
 ALIGNMENT = 256           # bytes; the alignment cudaMalloc gives and TensorRT expects of tensor addresses
 _NP = {"float32": np.float32, "float16": np.float16, "float": np.float32}
@@ -164,7 +166,7 @@ class CudaRuntime:
 
 
 # ----- the decoder ----------------------------------------------------------------------------------------
-class TrtDecoder:
+class TrtDecoder(TokenRows):
     """Runs a TensorRT engine step by step over a fixed-capacity KV cache on the GPU (batch 1)."""
 
     def __init__(self, engine, *, spec, capacity: int, kv_dtype: str, max_seq: int,
@@ -173,6 +175,7 @@ class TrtDecoder:
         """``engine``: the engine file's path (streamed to TensorRT) or its bytes. ``unified_memory``: a Jetson,
         where the GPU's free memory is not checked here (see _check_memory)."""
         self.spec, self.capacity, self.vocab, self.position = spec, int(capacity), spec.vocab_size, 0
+        self.reset()   # TokenRows: the token ids in rows 0 .. position-1 (prefix reuse)
         self.max_seq, self.profiles, self.device = int(max_seq), dict(profiles), "cuda"
         self._cuda, self._trt = cuda, trt
         self._allocations: list[int] = []
@@ -262,13 +265,11 @@ class TrtDecoder:
     def kv_cache_bytes(self) -> int:
         return 2 * self.layout.layers * self.layout.buffer_bytes
 
-    def reset(self) -> None:
-        """Forget the cache contents (the buffers stay; rows past ``position`` are never read)."""
-        self.position = 0
-
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Append ``tokens`` (int64, (S,)) to the cache and return the logits of the last one, (V,) float32."""
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        return self._tracked(np.asarray(tokens, dtype=np.int64).reshape(-1), self._step)
+
+    def _step(self, tokens: np.ndarray) -> np.ndarray:
         s = int(tokens.shape[0])
         if s < 1:
             raise GenerationError("step() needs at least one token")

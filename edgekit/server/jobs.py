@@ -99,6 +99,8 @@ class Job:
         else:
             m.completions.inc(result.finish_reason)
             m.prompt_tokens.inc(by=result.prompt_tokens)
+            m.cached_tokens.inc(by=result.cached_tokens)
+            m.prefilled_tokens.inc(by=result.prompt_tokens - result.cached_tokens)
             m.completion_tokens.inc(by=result.completion_tokens)
             m.reasoning_tokens.inc(by=result.reasoning_tokens)
             if result.completion_tokens:
@@ -156,6 +158,7 @@ def _finish(reason: str) -> str:
 def _usage(result) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
             "completion_tokens_details": {"reasoning_tokens": result.reasoning_tokens}}
 
 

@@ -109,6 +109,10 @@ class ServerMetrics:
                                    "Chat completions that ran, by finish reason (stop, length, cancelled, error).",
                                    ("finish_reason",))
         self.prompt_tokens = Counter("edgekit_prompt_tokens_total", "Prompt tokens processed.")
+        self.cached_tokens = Counter("edgekit_prompt_tokens_cached_total",
+                                     "Prompt tokens whose KV cache rows were kept from the previous request.")
+        self.prefilled_tokens = Counter("edgekit_prompt_tokens_prefilled_total",
+                                        "Prompt tokens run through the model (prompt - cached).")
         self.completion_tokens = Counter("edgekit_completion_tokens_total",
                                          "Tokens generated (reasoning and answer).")
         self.reasoning_tokens = Counter("edgekit_reasoning_tokens_total", "Tokens generated inside <think>.")
@@ -130,7 +134,8 @@ class ServerMetrics:
         self.context = Gauge("edgekit_model_max_context_tokens", "KV-cache size (prompt + completion) in tokens.")
         self.model_memory = Gauge("edgekit_model_memory_bytes",
                                   "Memory the loaded bundle was planned to need (weights + KV cache + workspace).")
-        self._all = (self.requests, self.completions, self.prompt_tokens, self.completion_tokens,
+        self._all = (self.requests, self.completions, self.prompt_tokens, self.cached_tokens, self.prefilled_tokens,
+                     self.completion_tokens,
                      self.reasoning_tokens, self.ttft, self.queue_wait, self.decode_speed, self.duration,
                      self.queue_depth, self.queue_capacity, self.active, self.loaded, self.context,
                      self.model_memory)
