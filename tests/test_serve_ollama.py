@@ -4,6 +4,7 @@ the real server on loopback, compared against the runtime in-process and against
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -89,6 +90,11 @@ def test_chat_streamed_and_not_equal_the_runtime_and_reasoning_is_in_thinking(ti
     assert [x["done"] for x in lines] == [False] * (len(lines) - 1) + [True]
     assert "".join(x["message"]["content"] for x in lines) == ref.answer
 
+    # num_ctx is the whole window (prompt + answer), as in Ollama: the answer gets what the prompt leaves
+    short = client.chat(model="tiny-qwen2", messages=HELLO, think=True, stream=False,
+                        options={**opts, "num_ctx": full.prompt_eval_count + 5})
+    assert (short.eval_count, short.done_reason) == (5, "length") and ref.completion_tokens > 5
+
     # think unset: the reasoning still goes to thinking, never into the content
     unset = client.chat(model="tiny-qwen2", messages=HELLO, options=opts, stream=False)
     assert (unset.message.thinking, unset.message.content) == (ref.reasoning, ref.answer)
@@ -119,6 +125,10 @@ def test_generate_with_system_and_raw(tiny, tiny_model):
     # no prompt: Ollama's "load the model" request, answered without generating
     assert client.generate(model="tiny-qwen2", prompt="").done_reason == "load"
     assert client.chat(model="tiny-qwen2", messages=[]).done_reason == "load"
+    assert client.chat(model="tiny-qwen2").done_reason == "load"   # messages left out
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="nope", prompt="")
+    assert e.value.status_code == 404
 
 
 def test_tags_show_version_ps(tiny, smol):
@@ -197,3 +207,24 @@ def test_smollm2_greedy_equals_the_openai_endpoint(smol):
                                            options={"temperature": 0.8, "seed": 3, "num_predict": 16}, stream=True))
     assert content == want.choices[0].message.content
     assert last.eval_count == want.usage.completion_tokens
+
+
+def test_a_client_that_disconnects_cancels_its_generation(smol):
+    name = _client(smol).list().models[0].model
+    before = smol.metrics()
+    long = {"model": name, "messages": SKY, "options": {"num_predict": 900, "temperature": 0.8, "seed": 1}}
+    with httpx.Client(base_url=smol.url, timeout=30) as http:
+        with http.stream("POST", "/api/chat", json=long) as r:
+            lines = r.iter_lines()
+            assert [json.loads(next(lines))["done"] for _ in range(3)] == [False] * 3
+        # connection closed mid-stream: the next request must not wait for 900 tokens (~1 min here)
+    with httpx.Client(base_url=smol.url, timeout=2) as http:   # not streamed: the client gives up waiting
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/api/generate", json={**long, "prompt": "Tell me a long story.", "stream": False})
+    t0 = time.monotonic()
+    quick = _client(smol).generate(model=name, prompt="Hi", options={"num_predict": 3})
+    assert quick.done and quick.eval_count <= 3 and time.monotonic() - t0 < 10
+    after = smol.metrics()
+    cancelled = 'edgekit_chat_completions_total{finish_reason="cancelled"}'
+    assert after[cancelled] - before.get(cancelled, 0) == 2
+    assert after['edgekit_http_requests_total{path="/api/chat",status="200"}'] >= 1

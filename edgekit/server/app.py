@@ -48,7 +48,8 @@ from .schemas import ApiError, bad, error_body, parse_chat, parse_json_body
 log = logging.getLogger("edgekit.server")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions")
+_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/api/chat", "/api/generate", "/api/tags",
+          "/api/show", "/api/ps", "/api/version")
 
 
 def default_model_id(model) -> str:
@@ -233,6 +234,10 @@ async def admit(request: Request, parse: Callable[[dict], Any]) -> Job:
     if limit is not None and n >= limit:
         raise bad(f"the prompt has {n} tokens but the request's options.num_ctx is {limit}: shorten the "
                   f"messages or raise num_ctx (up to this server's {model.max_context})", "options.num_ctx")
+    if limit is not None:   # num_ctx is the whole window, as in Ollama: the answer gets what the prompt leaves
+        wanted = params.max_tokens if params.max_tokens is not None else model.defaults.get("max_new_tokens")
+        if wanted is None or wanted > limit - n:
+            params = dataclasses.replace(params, max_tokens=limit - n)
     if state.draining:
         raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
     try:

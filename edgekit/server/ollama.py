@@ -29,12 +29,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
-from .jobs import _END, ChatResponse, _failure
-from .schemas import ApiError, _bool, _float, _int, _json_type, _messages, _show, _stop, _utf8, bad
+from .jobs import _END, _SHUT_DOWN, ChatResponse, _failure
+from .schemas import ApiError, ChatParams, _bool, _float, _int, _json_type, _messages, _show, _stop, _utf8, bad
 
 _NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache"),
            (b"x-accel-buffering", b"no")]
-# Ollama's option -> (how it is checked, the runtime's name)
+# The options this server applies (Ollama's names); any other is refused with a 400 naming it.
 _OPTIONS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "num_predict", "stop", "num_ctx")
 _NOT_YET = {"tools": "tool calls are not supported by edgekit serve yet: send the request without tools",
             "format": "structured output (format) is not supported by edgekit serve yet: send the request "
@@ -48,34 +48,21 @@ _NOT_YET = {"tools": "tool calls are not supported by edgekit serve yet: send th
 
 
 @dataclass(frozen=True)
-class OllamaParams:
-    """One /api/chat or /api/generate request, in the runtime's terms (see ChatParams)."""
+class OllamaParams(ChatParams):
+    """One /api/chat or /api/generate request: ChatParams, or a raw prompt instead of messages."""
 
-    model: str
-    messages: list[dict[str, str]] | None = None
-    prompt: str | None = None          # /api/generate with raw: true (no chat template)
+    model: str = ""                    # the name the client sent, echoed in the answer
+    prompt: str | None = None          # /api/generate with raw: true (no chat template); messages is None
     chat: bool = True                  # answer as /api/chat (message) or /api/generate (response)
-    stream: bool = True
-    include_usage: bool = False
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
     num_ctx: int | None = None
     think: bool | None = None          # False: no thinking is shown (the forced-closed thought is a newline)
-    thinking_budget: int | None = None
-    ignore_eos: bool = False
 
     def runtime_kwargs(self) -> dict[str, Any]:
-        text = {"messages": self.messages} if self.messages is not None else {"prompt": self.prompt}
-        return {**text, "max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
-                "seed": self.seed, "stop": self.stop, "thinking_budget": self.thinking_budget,
-                "ignore_eos": self.ignore_eos}
+        kwargs = super().runtime_kwargs()
+        if self.messages is None:
+            del kwargs["messages"]
+            kwargs["prompt"] = self.prompt
+        return kwargs
 
 
 # ----- request parsing ----------------------------------------------------------------------------------
@@ -195,7 +182,7 @@ def parse_generate(body: dict, model, state) -> OllamaParams:
         if system:
             raise bad("system has no effect with raw: true (no template is applied): put it in the prompt",
                       "system")
-        return _common(body, model, state, prompt=prompt, chat=False)
+        return _common(body, model, state, messages=None, prompt=prompt, chat=False)
     messages = [{"role": "system", "content": _utf8(system, "system")}] if system else []
     return _common(body, model, state, messages=messages + [{"role": "user", "content": prompt}], chat=False)
 
@@ -244,27 +231,11 @@ class OllamaResponse(ChatResponse):
                     eval_duration=max(0, int(result.total_ms * 1e6) - prefill_ns))
         return body
 
-    async def _complete(self, send, watcher) -> None:
-        job, result, failure = self.job, None, None
-        while True:
-            item = await job.events.get()
-            if item is _END:
-                break
-            if isinstance(item, BaseException):
-                failure = _failure(item)
-            elif item.kind == "done":
-                result = item.result
-        watcher.cancel()
-        if failure is not None:
-            await _send(send, failure.status, {"error": failure.message})
-            return
-        if result is None or job.stop_reason == "client":
-            return
-        if result.finish_reason == "cancelled":
-            await _send(send, 503, {"error": "the server shut down before the generation finished"})
-            return
-        await _send(send, 200, self._last(result, result.answer, result.reasoning))
-        job.answered = True
+    def answer_json(self, result) -> dict:
+        return self._last(result, result.answer, result.reasoning)
+
+    def error_json(self, error: ApiError) -> dict:
+        return {"error": error.message}
 
     async def _stream(self, send) -> None:
         job = self.job
@@ -279,7 +250,7 @@ class OllamaResponse(ChatResponse):
             if item is _END:
                 break
             if isinstance(item, BaseException):
-                await emit({"error": _failure(item).message})
+                await emit(self.error_json(_failure(item)))
             elif item.kind == "reasoning" and job.params.think is not False:
                 await emit(self._piece(thinking=item.text))
             elif item.kind == "answer":
@@ -288,18 +259,11 @@ class OllamaResponse(ChatResponse):
                 result = item.result
         if result is not None and result.finish_reason == "cancelled":
             if job.stop_reason == "shutdown":
-                await emit({"error": "the server shut down before the generation finished"})
+                await emit(self.error_json(_SHUT_DOWN))
         elif result is not None:
             await emit(self._last(result))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         job.answered = True
-
-
-async def _send(send, status: int, body: dict) -> None:
-    data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 # ----- endpoints ----------------------------------------------------------------------------------------
@@ -316,10 +280,10 @@ def _ollama_errors(handler):
     return wrapped
 
 
-def _loaded_only(body: dict) -> bool:
-    """Ollama answers a request with no prompt (or no messages) by loading the model: it is loaded."""
-    return ("messages" in body and body["messages"] in (None, [])) or \
-           ("prompt" in body and body["prompt"] in (None, ""))
+def _loaded_only(body: dict, chat: bool) -> bool:
+    """Ollama answers a request with no messages (/api/chat) or no prompt (/api/generate) by loading the model;
+    it is loaded already: the answer says so without generating."""
+    return body.get("messages" if chat else "prompt") in (None, [], "")
 
 
 async def _generating(request: Request, parse) -> Response:
@@ -330,7 +294,7 @@ async def _generating(request: Request, parse) -> Response:
     loaded: dict = {}
 
     def parse_body(body: dict) -> OllamaParams:
-        if _loaded_only(body):
+        if _loaded_only(body, parse is parse_chat):
             loaded["name"] = _model_name(body, state)
             raise _LoadOnly()
         return parse(body, model, state)
