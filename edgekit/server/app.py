@@ -41,13 +41,15 @@ from ..runtime.memory import release_free_heap
 from ..units import fmt_bytes
 from .jobs import ChatResponse, Job, send_json
 from .metrics import ServerMetrics
+from .ollama import routes as ollama_routes
 from .queue import GenerationSlot, QueueFull, ShuttingDown
 from .schemas import ApiError, bad, error_body, parse_chat, parse_json_body
 
 log = logging.getLogger("edgekit.server")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions")
+_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/api/chat", "/api/generate", "/api/tags",
+          "/api/show", "/api/ps", "/api/version")
 
 
 def default_model_id(model) -> str:
@@ -177,6 +179,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def chat_completions(request: Request) -> Response:
+    job = await admit(request, parse_chat)
+    return ChatResponse(job)
+
+
+async def admit(request: Request, parse: Callable[[dict], Any]) -> Job:
+    """Read, parse (``parse(body) -> params`` with ``runtime_kwargs()``), render and tokenize a request, then
+    take a place at the slot: the one path every generating endpoint (OpenAI's and Ollama's) goes through."""
     state = _state(request)
     model = state.require_model()
     if state.slot.busy and state.slot.depth >= state.slot.max_queue:
@@ -188,11 +197,15 @@ async def chat_completions(request: Request) -> Response:
     def prepare():
         # Parse, render and tokenize in one go: what a large request unpacks into is freed before the next
         # request's turn (parsing all waiting requests first would hold all of them at once).
-        params = parse_chat(parse_json_body(raw, ctype))
+        params = parse(parse_json_body(raw, ctype))
         if params.thinking_budget is None and state.thinking_budget is not None:
             params = dataclasses.replace(params, thinking_budget=state.thinking_budget)
-        model.codec.render(params.messages, add_generation_prompt=True, max_chars=max_chars)
-        return params, model.request(**params.runtime_kwargs())
+        kwargs = params.runtime_kwargs()
+        if kwargs.get("messages") is not None:
+            model.codec.render(kwargs["messages"], add_generation_prompt=True, max_chars=max_chars)
+        elif len(kwargs.get("prompt") or "") > max_chars:   # a raw prompt: no template to render
+            raise PromptTooLong("the prompt is too long", limit=max_chars)
+        return params, model.request(**kwargs)
 
     big = len(raw) > _TRIM_AFTER
 
@@ -217,6 +230,14 @@ async def chat_completions(request: Request) -> Response:
     n = len(prepared.prompt_ids)
     if n >= model.max_context:
         raise _too_long(model, f"{n} tokens")
+    limit = getattr(params, "num_ctx", None)   # a client's own, smaller context (Ollama's options.num_ctx)
+    if limit is not None and n >= limit:
+        raise bad(f"the prompt has {n} tokens but the request's options.num_ctx is {limit}: shorten the "
+                  f"messages or raise num_ctx (up to this server's {model.max_context})", "options.num_ctx")
+    if limit is not None:   # num_ctx is the whole window, as in Ollama: the answer gets what the prompt leaves
+        wanted = params.max_tokens if params.max_tokens is not None else model.defaults.get("max_new_tokens")
+        if wanted is None or wanted > limit - n:
+            params = dataclasses.replace(params, max_tokens=limit - n)
     if state.draining:
         raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
     try:
@@ -227,7 +248,7 @@ async def chat_completions(request: Request) -> Response:
         raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
     state.metrics.queue_depth.set(state.slot.depth)
     reasoning = prepared.in_reasoning or bool(model.defaults.get("reasoning"))
-    return ChatResponse(Job(state, model, params, ticket, n, reasoning))
+    return Job(state, model, params, ticket, n, reasoning)
 
 
 _TRIM_AFTER = 1024 * 1024
@@ -293,7 +314,8 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
         msg = (f"there is no {request.method} {request.url.path[:200]}: this server offers GET /health, "
-               "GET /metrics, GET /v1/models and POST /v1/chat/completions")
+               "GET /metrics, GET /v1/models, POST /v1/chat/completions and Ollama's /api/chat, /api/generate, "
+               "/api/tags, /api/show, /api/ps, /api/version")
         return JSONResponse(error_body(msg, code="unknown_url"), status_code=404)
     if exc.status_code == 405:
         msg = f"{request.method} is not allowed on {request.url.path}: use {exc.headers.get('Allow', 'another method')}"
@@ -329,7 +351,9 @@ class Guard:
         try:
             denied = self._check_key(scope)
             if denied is not None:
-                await send_json(counted, 401, denied.body(), denied.headers)
+                # Ollama's clients read {"error": "..."}; OpenAI's {"error": {"message": ...}}
+                body = {"error": denied.message} if scope.get("path", "").startswith("/api/") else denied.body()
+                await send_json(counted, 401, body, denied.headers)
             else:
                 await self.app(scope, receive, counted)
         except Exception:  # logged here with its traceback; the client gets a generic 500
@@ -419,7 +443,8 @@ def create_app(model=None, *, api_key: str | None = None, max_queue: int = 8, mo
                 Route("/metrics", metrics, methods=["GET"]),
                 Route("/v1/models", list_models, methods=["GET"]),
                 Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-                Route("/v1/chat/completions", chat_completions, methods=["POST"])],
+                Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                *ollama_routes()],
         middleware=[Middleware(Guard, state=state)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error},
         lifespan=lifespan)

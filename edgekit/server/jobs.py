@@ -151,6 +151,12 @@ def _generate(model, kwargs: dict, cancel: threading.Event, push: Callable[[Any]
     return result
 
 
+_SHUTTING_DOWN = ApiError(503, "the server is shutting down: retry after it restarts", type="server_error",
+                          code="shutting_down")
+_SHUT_DOWN = ApiError(503, "the server shut down before the generation finished", type="server_error",
+                      code="shutting_down")
+
+
 def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
@@ -190,6 +196,13 @@ class ChatResponse(Response):
         self.job = job
         self.background = None
 
+    # The shapes of the answer and of errors: OpenAI's here, Ollama's in ollama.OllamaResponse.
+    def answer_json(self, result) -> dict:
+        return self.job.completion(result)
+
+    def error_json(self, error: ApiError) -> dict:
+        return error.body()
+
     async def __call__(self, scope, receive, send) -> None:
         job = self.job
         watcher = asyncio.ensure_future(_watch_disconnect(receive, job))
@@ -197,8 +210,7 @@ class ChatResponse(Response):
             try:
                 await job.wait_turn()
             except ShuttingDown:
-                await send_json(send, 503, error_body("the server is shutting down: retry after it restarts",
-                                                      type="server_error", code="shutting_down"))
+                await send_json(send, 503, self.error_json(_SHUTTING_DOWN))
                 return
             except ClientGone:
                 return
@@ -227,15 +239,14 @@ class ChatResponse(Response):
                 result = item.result
         watcher.cancel()  # the answer is one send: nothing left to cancel
         if failure is not None:
-            await send_json(send, failure.status, failure.body())
+            await send_json(send, failure.status, self.error_json(failure))
             return
         if result is None or job.stop_reason == "client":
             return
         if result.finish_reason == "cancelled":
-            await send_json(send, 503, error_body("the server shut down before the generation finished",
-                                                  type="server_error", code="shutting_down"))
+            await send_json(send, 503, self.error_json(_SHUT_DOWN))
             return
-        await send_json(send, 200, job.completion(result))
+        await send_json(send, 200, self.answer_json(result))
         job.answered = True
 
     async def _stream(self, send) -> None:
