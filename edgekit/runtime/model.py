@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import BackendUnavailable, BundleError, GenerationError
+from . import aio
 from .bundle import read_manifest, verify
 from .generate import Event, GenerationRequest, GenerationResult, run
 from .memory import check_budget, graph_memory, rotary_rows
@@ -109,6 +110,14 @@ class Model:
             if event.kind == "done":
                 return event.result
         raise GenerationError("generation ended without a result")  # unreachable: run() always ends with done
+
+    def astream(self, prompt: str | None = None, **kw):
+        """``stream`` for asyncio (``async for event in model.astream(...)``): :mod:`edgekit.runtime.aio`."""
+        return aio.astream(self, prompt, **kw)
+
+    async def agenerate(self, prompt: str | None = None, **kw) -> GenerationResult:
+        """``generate`` for asyncio: :mod:`edgekit.runtime.aio`."""
+        return await aio.agenerate(self, prompt, **kw)
 
     def count_tokens(self, prompt: str | None = None, *, messages: list[dict] | None = None) -> int:
         text, templated = self.render(prompt, messages)
