@@ -13,6 +13,7 @@ import pytest
 
 from edgekit.errors import GenerationError
 from edgekit.runtime.model import load
+from spies import record_results
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "ros2_node.py"
 GREEDY = dict(max_new_tokens=24, temperature=0)
@@ -123,15 +124,7 @@ def test_queue_holds_questions_behind_the_running_one(smol):
 
 
 def test_shutdown_cancels_the_running_generation_and_drops_the_queue(smol, monkeypatch):
-    finished = []
-    real = smol.stream
-
-    def spy(*a, **kw):
-        for event in real(*a, **kw):
-            if event.kind == "done":
-                finished.append(event.result)
-            yield event
-    monkeypatch.setattr(smol, "stream", spy)
+    finished = record_results(monkeypatch, smol)
     topics = Topics()
     threads = threading.active_count()
     core = topics.core(smol, queue_size=2, **LONG)

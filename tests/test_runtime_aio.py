@@ -12,6 +12,7 @@ import pytest
 
 from edgekit.errors import GenerationError
 from edgekit.runtime.model import load
+from spies import record_results
 
 HELLO = [{"role": "user", "content": "hello robot"}]
 SKY = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -30,19 +31,8 @@ def smol(smollm2_bundle):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records the "done" result of every generation a model runs (also those whose consumer left early)."""
-    def attach(model):
-        results = []
-        real = model.stream
-
-        def stream(*a, **kw):
-            for event in real(*a, **kw):
-                if event.kind == "done":
-                    results.append(event.result)
-                yield event
-        monkeypatch.setattr(model, "stream", stream)
-        return results
-    return attach
+    """spy(model) -> the list of every generation's result (also those whose consumer left early)."""
+    return lambda model: record_results(monkeypatch, model)
 
 
 def _same(a, b):
@@ -95,21 +85,30 @@ def test_generation_runs_off_the_event_loop(tiny, monkeypatch):
     assert threads_seen and threading.get_ident() not in threads_seen
 
 
+async def _long_generation(model) -> asyncio.Task:
+    """A task streaming a long generation, returned once its first event has arrived."""
+    first = asyncio.Event()
+
+    async def consume():
+        async for _ in model.astream(**LONG):
+            first.set()
+    task = asyncio.create_task(consume())
+    await first.wait()
+    return task
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def test_cancelling_the_task_stops_the_generation_and_frees_the_lock(smol, spy):
     results = spy(smol)
     threads = threading.active_count()
 
     async def main():
-        first = asyncio.Event()
-
-        async def consume():
-            async for event in smol.astream(**LONG):
-                first.set()
-        task = asyncio.create_task(consume())
-        await first.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _cancel(await _long_generation(smol))
         # astream's cleanup waited for its worker: nothing runs, the lock is free, right now
         assert not smol._lock.locked() and threading.active_count() == threads
         return await smol.agenerate(messages=SKY, max_new_tokens=24, temperature=0)
@@ -178,26 +177,15 @@ def test_cancelling_a_stream_waiting_in_line_does_not_wait_for_the_running_one(s
     threads = threading.active_count()
 
     async def main():
-        started = asyncio.Event()
-
-        async def running():
-            async for event in smol.astream(**LONG):
-                started.set()
-
         async def waiting():
-            async for event in smol.astream(messages=HELLO, max_new_tokens=8):
+            async for _ in smol.astream(messages=HELLO, max_new_tokens=8):
                 pass
-        first = asyncio.create_task(running())
-        await started.wait()
-        second = asyncio.create_task(waiting())
+        running = await _long_generation(smol)
+        queued = asyncio.create_task(waiting())
         await asyncio.sleep(0.2)   # let its worker start waiting for the lock
-        second.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await second
-        still_running = not first.done()   # the 600-token generation is far from over
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
+        await _cancel(queued)
+        still_running = not running.done()   # the 600-token generation is far from over
+        await _cancel(running)
         return still_running
 
     assert asyncio.run(main())
