@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +227,14 @@ def test_callers_cancel_event_ends_with_a_cancelled_result(smol):
     events = asyncio.run(main())
     assert events[-1].kind == "done" and events[-1].result.finish_reason == "cancelled"
     assert events[-1].result.completion_tokens < 600
+
+
+def test_the_astream_benchmark_prints_its_table(tiny_bundle):
+    script = Path(__file__).parents[1] / "benchmarks" / "astream.py"
+    out = subprocess.run([sys.executable, str(script), str(tiny_bundle), "--tokens", "4", "--runs", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "fp32 bundle, 4 tokens, 1 runs, medians"
+    assert [line.split()[0] for line in lines[2:]] == ["stream", "astream", "blocking"]
+    assert lines[2].split()[-1] == "-" and all(float(line.split()[-1]) >= 0 for line in lines[3:])
