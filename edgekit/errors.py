@@ -122,3 +122,19 @@ class DeviceMismatch(DeviceError):
 
 class DeployFailed(DeviceError):
     """Transfer, on-device verification, engine build or smoke test failed; ``current`` stays on a good release."""
+
+
+# --- structured output ---------------------------------------------------------------------------
+class FormatError(UserInputError):
+    """An answer format that cannot be used: a JSON schema that is not an object, uses what the constraint
+    library does not support, or has a bad $ref; an empty Choice ... ``field`` names where it was given
+    (``response_format.json_schema.schema``, ``format``, ``tools``, ``answer_format``)."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class FormatUnavailable(UserInputError):
+    """Structured output was asked for but cannot run here: the constraint library is not installed, or it
+    cannot map this bundle's tokenizer."""
