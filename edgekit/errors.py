@@ -87,6 +87,15 @@ class PromptTooLong(GenerationError):
         self.limit = limit
 
 
+class ToolError(GenerationError):
+    """A tool definition, tool choice or tool message is invalid; ``param`` names the field
+    (``tools[0].function.parameters``, ``tool_choice``, ``messages[3].tool_call_id``)."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class BackendUnavailable(EdgekitError):
     """The requested backend (CUDA, TensorRT) is not usable on this machine."""
 

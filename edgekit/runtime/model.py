@@ -49,12 +49,14 @@ class Model:
         self._lock = threading.Lock()
 
     # ----- prompt handling ----------------------------------------------------------------------
-    def render(self, prompt: str | None = None, messages: list[dict] | None = None) -> tuple[str, bool]:
-        """(text to tokenize, whether it is a rendered chat template)."""
+    def render(self, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> tuple[str, bool]:
+        """(text to tokenize, whether it is a rendered chat template). ``tools`` is the template's ``tools``
+        variable (OpenAI-shaped definitions; see :mod:`edgekit.runtime.tools` for templates that ignore it)."""
         if (prompt is None) == (messages is None):
             raise GenerationError("give either a prompt or messages, not both or neither")
         if messages is not None:
-            return self.codec.render(messages, add_generation_prompt=True), True
+            return self.codec.render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {})), True
         if not isinstance(prompt, str):
             raise GenerationError(f"the prompt must be a string, got {type(prompt).__name__}")
         return prompt, False
@@ -68,12 +70,12 @@ class Model:
                 top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
                 seed: int | None = None, stop: list[str] | tuple[str, ...] | str | None = None,
                 thinking_budget: int | None = None, truncate: bool = False, ignore_eos: bool = False,
-                answer_format: AnswerFormat | None = None) -> GenerationRequest:
+                answer_format: AnswerFormat | None = None, tools: list[dict] | None = None) -> GenerationRequest:
         """Render, tokenize and check one request. ``answer_format`` (e.g. ``json_answer(schema)``) constrains the
         answer (after an R1 thought): a bad format raises FormatError here, before anything is generated; a
         missing constraint library raises FormatUnavailable naming the extra to install."""
         d = self.defaults
-        text, templated = self.render(prompt, messages)
+        text, templated = self.render(prompt, messages, tools)
         ids = self.codec.encode(text, add_special_tokens=not templated)
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise GenerationError(f"invalid max_new_tokens {max_new_tokens!r}: use a whole number >= 1")
@@ -119,8 +121,9 @@ class Model:
                 return event.result
         raise GenerationError("generation ended without a result")  # unreachable: run() always ends with done
 
-    def count_tokens(self, prompt: str | None = None, *, messages: list[dict] | None = None) -> int:
-        text, templated = self.render(prompt, messages)
+    def count_tokens(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                     tools: list[dict] | None = None) -> int:
+        text, templated = self.render(prompt, messages, tools)
         return len(self.codec.encode(text, add_special_tokens=not templated))
 
     def close(self) -> None:
