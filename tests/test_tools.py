@@ -196,6 +196,10 @@ def test_parse_whole_answers(fmt):
     assert parse_calls(fmt.render(CALLS[:1]), fmt, names)[0] is None
     for broken in (text[:-4], text + " and more", fmt.render([ToolCall("x", "rm_rf", "{}")])):
         assert parse_calls(broken, fmt, names) == (broken, [])    # not calls: the answer is content
+    # cut by max_tokens inside the second call: the first is kept
+    cut = "Sure.\n" + fmt.render(CALLS)[:-30]
+    assert [c.name for c in parse_calls(cut, fmt, names, cut=True)[1]] == ["get_weather"]
+    assert parse_calls(cut, fmt, names)[1] == []
     assert parse_calls("no calls", fmt, names) == ("no calls", [])
 
 

@@ -236,15 +236,19 @@ def _valid(p: Partial, names: tuple[str, ...]) -> bool:
 
 
 def parse_calls(answer: str, fmt: CallFormat, names: tuple[str, ...] = (),
-                ids: list[str] | None = None) -> tuple[str | None, list[ToolCall]]:
+                ids: list[str] | None = None, *, cut: bool = False) -> tuple[str | None, list[ToolCall]]:
     """(content, calls) of a finished answer. With calls, content is the text before them (None if empty);
-    without, the answer unchanged."""
+    without, the answer unchanged. ``cut``: the answer was cut by max_tokens; the complete calls before the
+    cut one count (finish_reason stays "length")."""
     at = answer.find(fmt.trigger)
     if at < 0:
         return answer, []
     partials, end = fmt.scan(answer[at:])
-    if not partials or end is None or not all(_valid(p, names) for p in partials) \
-            or answer[at + end:].strip():
+    if cut:   # whatever follows the last complete call was cut (a call, or the block's closing marker)
+        partials = [p for p in partials if p.complete]
+    elif end is None or answer[at + end:].strip():
+        return answer, []
+    if not partials or not all(_valid(p, names) for p in partials):
         return answer, []
     ids = list(ids or [])
     calls = [ToolCall(ids[k] if k < len(ids) else new_call_id(), p.name, p.arguments)
@@ -282,11 +286,12 @@ class ToolCallParser:
             return [("content", delta)] if delta else []
         return self._events(final=False)
 
-    def finish(self) -> tuple[list[tuple], str | None, list[ToolCall]]:
+    def finish(self, cut: bool = False) -> tuple[list[tuple], str | None, list[ToolCall]]:
+        """Flush; ``cut``: the answer was cut by max_tokens (see :func:`parse_calls`)."""
         events = self._events(final=True) if self.enabled else []
         if not self.enabled:
             return events, self.text, []
-        content, calls = parse_calls(self.text, self.fmt, self.names, self.ids)
+        content, calls = parse_calls(self.text, self.fmt, self.names, self.ids, cut=cut)
         if not calls and self.sent_content < len(self.text) and not self.ids:
             events.append(("content", self.text[self.sent_content:]))
             self.sent_content = len(self.text)

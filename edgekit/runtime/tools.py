@@ -285,11 +285,12 @@ class ToolPlan:
     def format(self) -> CallFormat:
         return self.support.format
 
-    def parse(self, answer: str) -> tuple[str | None, list[ToolCall]]:
-        """(content, calls) of a finished answer; no calls when there were no tools or nothing parses."""
+    def parse(self, answer: str, finish_reason: str = "stop") -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of a finished answer; no calls when there were no tools or nothing parses. When
+        max_tokens cut the answer ("length"), the calls completed before the cut are kept."""
         if self.choice.mode == "none":
             return answer, []
-        return parse_calls(answer, self.format, self.names)
+        return parse_calls(answer, self.format, self.names, cut=finish_reason == "length")
 
     def parser(self) -> ToolCallParser:
         """For streaming: feed answer deltas, get content deltas and call deltas back."""

@@ -130,7 +130,7 @@ class Job:
         finish = _finish(result.finish_reason)
         plan = self.params.tool_plan
         if plan is not None:   # the answer (never the reasoning) is read for calls
-            content, calls = plan.parse(result.answer)
+            content, calls = plan.parse(result.answer, result.finish_reason)
             if calls:
                 message["content"] = content
                 message["tool_calls"] = [c.openai() for c in calls]
@@ -309,7 +309,7 @@ class ChatResponse(Response):
             elif item.kind == "done":
                 result = item.result
         if parser is not None and result is not None:
-            events, _, calls = parser.finish()
+            events, _, calls = parser.finish(cut=result.finish_reason == "length")
             for event in events:
                 delta = _openai_tool_delta(event)
                 if delta is not None:

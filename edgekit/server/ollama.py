@@ -280,7 +280,8 @@ class OllamaResponse(ChatResponse):
         plan = self.job.params.tool_plan
         if plan is None:
             return self._last(result, result.answer, result.reasoning)
-        content, calls = plan.parse(result.answer)   # the answer only: the thinking is never read for calls
+        # the answer only: the thinking is never read for calls
+        content, calls = plan.parse(result.answer, result.finish_reason)
         body = self._last(result, result.answer if not calls else content or "", result.reasoning)
         if calls:
             body["message"]["tool_calls"] = [c.ollama(k) for k, c in enumerate(calls)]
@@ -327,7 +328,7 @@ class OllamaResponse(ChatResponse):
             elif item.kind == "done":
                 result = item.result
         if parser is not None and result is not None and result.finish_reason != "cancelled":
-            for piece in self._tool_pieces(parser.finish()[0]):
+            for piece in self._tool_pieces(parser.finish(cut=result.finish_reason == "length")[0]):
                 await emit(piece)
         if result is not None and result.finish_reason == "cancelled":
             if job.stop_reason == "shutdown":
