@@ -151,7 +151,9 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
                 decoder.step(np.asarray([token], dtype=np.int64))
                 logits = decoder.step(np.asarray(forced, dtype=np.int64))
                 budget_hit = True
-                forced_text = codec.decode(forced)
+                # through the stream decoder: a character the budget cut in half ends the thought as U+FFFD
+                # instead of leaking into the answer
+                forced_text = "".join(detok.push(t) for t in forced)
                 text_parts.append(forced_text)
                 yield from emit(forced_text)
                 continue
