@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..errors import GenerationError, PromptTooLong, UserInputError
+from ..errors import FormatError, FormatUnavailable, GenerationError, PromptTooLong, UserInputError
 from ..runtime.memory import release_free_heap
 from ..units import fmt_bytes
 from .jobs import ChatResponse, Job, send_json
@@ -225,6 +225,10 @@ async def admit(request: Request, parse: Callable[[dict], Any]) -> Job:
                                f"{model.max_context} tokens of this tokenizer)") from None
     except GenerationError as e:
         raise bad(str(e), "messages") from None
+    except FormatError as e:   # a schema the constraint library rejects: the field the client sent it in
+        raise bad(str(e), e.field) from None
+    except FormatUnavailable as e:
+        raise ApiError(501, str(e), type="server_error", code="structured_output_unavailable") from None
     finally:
         del raw
     n = len(prepared.prompt_ids)
