@@ -175,7 +175,7 @@ def test_errors_in_ollama_shape(tiny):
     bad("tools[0].function.parameters.properties.on.type \"bool\" is not a JSON schema type",
         tools=[{"type": "function", "function": {"name": "turn_on", "description": "x", "parameters": {
             "type": "object", "properties": {"on": {"type": "bool"}}}}}])
-    bad("structured output (format) is not supported", format="json")
+    bad("invalid format: failed to compile JSON schema: Unimplemented keys", format={"not": {"type": "string"}})
     bad("messages[0].role", messages=[{"role": "robot", "content": "hi"}])
     # a prompt longer than num_ctx (but within the server's context) is refused, not cut
     bad("but the request's options.num_ctx is 8", options={"num_ctx": 8})

@@ -150,6 +150,8 @@ def test_openai_bad_tools_are_400s_naming_the_field(server):
     bad("tool_choice.function.name", "is not one of the tools", tools=[WEATHER],
         tool_choice={"type": "function", "function": {"name": "set_timer"}})
     bad("tool_choice", "needs tools", tool_choice="required")
+    bad("response_format", "cannot be combined with tools", tools=[WEATHER], tool_choice="required",
+        response_format={"type": "json_object"})
     bad("messages[3].tool_call_id", "a tool message answers the call with that id", tools=[WEATHER],
         messages=[*CONVERSATION[:3], {"role": "tool", "content": "21"}])
     bad("messages[2].tool_calls[0].function.arguments", "is not a JSON object", tools=[WEATHER], messages=[

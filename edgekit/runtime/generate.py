@@ -152,6 +152,9 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
                 logits = decoder.step(np.asarray(forced, dtype=np.int64))
                 budget_hit = True
                 forced_text = codec.decode(forced)
+                # A character the budget cut in half is dropped with the thought, not flushed into the answer
+                # as U+FFFD by the next token (it would break a constrained JSON answer).
+                detok = codec.stream(skip_special_tokens=True)
                 text_parts.append(forced_text)
                 yield from emit(forced_text)
                 continue

@@ -229,12 +229,12 @@ async def admit(request: Request, parse: Callable[[dict], Any]) -> Job:
                                f"{model.max_context} tokens of this tokenizer)") from None
     except ToolError as e:
         raise bad(str(e), e.param) from None
-    except FormatError as e:
-        raise bad(str(e), e.field) from None
-    except FormatUnavailable as e:
-        raise ApiError(501, str(e), type="server_error", code="not_implemented") from None
     except GenerationError as e:
         raise bad(str(e), "messages") from None
+    except FormatError as e:   # a schema the constraint library rejects: the field the client sent it in
+        raise bad(str(e), e.field) from None
+    except FormatUnavailable as e:
+        raise ApiError(501, str(e), type="server_error", code="structured_output_unavailable") from None
     finally:
         del raw
     n = len(prepared.prompt_ids)
@@ -272,7 +272,14 @@ def _tool_plan(model, params, default: str):
     choice = params.tool_choice
     if choice is None and params.tools:
         choice = default_choice(default, params.messages)
-    return plan(model.codec, params.messages, list(params.tools), choice, parallel=params.parallel_tool_calls)
+    made = plan(model.codec, params.messages, list(params.tools), choice, parallel=params.parallel_tool_calls)
+    given = getattr(params, "answer_format", None)
+    if made.answer_format is not None and given is not None:
+        field = given.name.split(".")[0]   # response_format (OpenAI) or format (Ollama)
+        raise ToolError(f"{field} cannot be combined with tools: one answer is decoded under one format; send "
+                        f"tools (the call's arguments follow their schemas) or {field}, or tool_choice \"none\"",
+                        param=field)
+    return made
 
 
 def _trim_heap() -> None:

@@ -13,11 +13,12 @@ disconnect); only the request fields and the answer's shape differ:
 - an R1 bundle's reasoning goes in ``thinking`` (``message.thinking`` for chat), never mixed into the content;
   ``think: false`` gives the model no thinking budget (it answers at once);
 - errors are ``{"error": "..."}`` with the HTTP status;
+- ``format`` constrains the answer (after an R1 thought): ``"json"`` any JSON object, or a JSON schema object;
 - ``tools`` on /api/chat work as on the OpenAI API (:mod:`edgekit.runtime.tools`): a call comes back as
   ``message.tool_calls`` ([{"function": {"index", "name", "arguments": {...}}}]) in one chunk once it is complete;
   earlier calls come with arguments as objects, results as ``role: tool`` (``tool_name`` optional: Home Assistant
   sends only the content; a result answers the earliest unanswered call);
-- ``format``, ``images``, ``suffix``, ``template`` and ``context`` are refused with a 400 saying so.
+- ``images``, ``suffix``, ``template`` and ``context`` are refused with a 400 saying so.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from .jobs import _END, _SHUT_DOWN, ChatResponse, _failure
+from ..runtime.answer_format import AnswerFormat, json_answer
 from .schemas import (ApiError, ChatParams, _bool, _float, _int, _json_type, _messages, _show, _stop, _utf8, bad,
                       parse_tools_fields)
 
@@ -40,9 +42,7 @@ _NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-c
            (b"x-accel-buffering", b"no")]
 # The options this server applies (Ollama's names); any other is refused with a 400 naming it.
 _OPTIONS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "num_predict", "stop", "num_ctx")
-_NOT_YET = {"format": "structured output (format) is not supported by edgekit serve yet: send the request "
-                      "without format",
-            "images": "this model reads text only: send the request without images",
+_NOT_YET = {"images": "this model reads text only: send the request without images",
             "suffix": "fill-in-the-middle (suffix) is not supported: send the request without suffix",
             "template": "a per-request template is not supported: the bundle's chat template is used; send the "
                         "request without template",
@@ -205,7 +205,20 @@ def _common(body: dict, model, state, **text) -> OllamaParams:
         raise bad(f"keep_alive must be a duration such as \"5m\" or a number of seconds, got "
                   f"{_json_type(keep_alive)}", "keep_alive")
     return OllamaParams(model=name, stream=stream is not False, **_think(body, model),
-                        **_options(body, model), **text)
+                        **_options(body, model), answer_format=_format(body.get("format")), **text)
+
+
+def _format(value: Any) -> AnswerFormat | None:
+    """Ollama's ``format``: "json" (any JSON object) or a JSON schema object; the schema is compiled later,
+    for the model's tokenizer (a 400 naming ``format`` if the constraint library rejects it)."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return json_answer(None, name="format")
+    if not isinstance(value, dict):
+        raise bad(f"format must be \"json\" or a JSON schema object, got {_json_type(value)} {_show(value)}",
+                  "format")
+    return json_answer(value, name="format")
 
 
 def parse_chat(body: dict, model, state) -> OllamaParams:

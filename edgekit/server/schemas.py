@@ -2,8 +2,11 @@
 
 Clients are written against OpenAI's API, so a bad request gets what OpenAI would send: a 4xx status and
 ``{"error": {"message", "type", "param", "code"}}`` whose message says what was wrong and what is valid.
-Fields this server does not know are ignored (clients send many: ``user``, ``store``,
-``response_format`` ...); fields it knows are type- and range-checked here, before anything is tokenized.
+Fields this server does not know are ignored (clients send many: ``user``, ``store``, ``metadata`` ...); fields
+it knows are type- and range-checked here, before anything is tokenized. ``response_format`` ("text",
+"json_object", "json_schema") becomes an :class:`~edgekit.runtime.answer_format.AnswerFormat`; the schema
+itself is compiled for the model's tokenizer when the request is prepared (a 400 naming
+``response_format.json_schema.schema`` when the constraint library rejects it).
 Extensions beyond OpenAI's fields (sent top-level, which is what the openai client's ``extra_body`` does):
 ``thinking_budget``, ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``.
 """
@@ -14,6 +17,8 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from ..runtime.answer_format import AnswerFormat, json_answer
 
 MAX_STOP = 16                 # OpenAI allows 4; a few more costs nothing here
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -262,6 +267,7 @@ class ChatParams:
     stop: list[str] | None = None
     thinking_budget: int | None = None
     ignore_eos: bool = False
+    answer_format: AnswerFormat | None = None   # response_format (OpenAI) / format (Ollama)
     # tools (runtime.tools): what the client sent, and the plan made for the model's template in admit()
     tools: tuple = ()
     tool_choice: Any = None
@@ -278,13 +284,14 @@ class ChatParams:
         kwargs = {"messages": self.messages, "max_new_tokens": self.max_tokens, "temperature": self.temperature,
                   "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
                   "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": self.stop,
-                  "thinking_budget": self.thinking_budget, "ignore_eos": self.ignore_eos}
+                  "thinking_budget": self.thinking_budget, "ignore_eos": self.ignore_eos,
+                  "answer_format": self.answer_format}
         plan = self.tool_plan
         if plan is not None:
             kwargs["messages"] = plan.messages
             if plan.template_tools:
                 kwargs["tools"] = plan.template_tools
-            if plan.answer_format is not None:
+            if plan.answer_format is not None:   # admit() refuses tools together with response_format
                 kwargs["answer_format"] = plan.answer_format
         return kwargs
 
@@ -337,7 +344,47 @@ def parse_chat(body: dict[str, Any]) -> ChatParams:
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
         seed=seed, stop=_stop(body.get("stop")),
         thinking_budget=_int(body, "thinking_budget", 0, what=" (reasoning tokens before the answer is forced)"),
-        ignore_eos=bool(_bool(body, "ignore_eos")))
+        ignore_eos=bool(_bool(body, "ignore_eos")), answer_format=_response_format(body.get("response_format")))
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _response_format(value: Any) -> AnswerFormat | None:
+    """OpenAI's response_format: None/"text" (free text), "json_object" (any JSON object), "json_schema"."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad(f"response_format must be an object such as {{\"type\": \"json_object\"}}, got {_json_type(value)}",
+                  "response_format", "invalid_type")
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise bad(f"response_format.type {_show(kind)} is not valid: use one of {', '.join(RESPONSE_FORMATS)}",
+                  "response_format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_answer(None, name="response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad(f"response_format.json_schema must be an object with name and schema, got {_json_type(spec)}",
+                  "response_format.json_schema", "invalid_type")
+    name = spec.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 64 or not all(c.isascii() and (c.isalnum() or c in "_-")
+                                                                         for c in name):
+        raise bad(f"response_format.json_schema.name {_show(name)} is not valid: use 1 to 64 letters, digits, _ "
+                  "or -", "response_format.json_schema.name")
+    if spec.get("strict") not in (None, True, False):
+        raise bad("response_format.json_schema.strict must be true or false", "response_format.json_schema.strict",
+                  "invalid_type")
+    schema = spec.get("schema")
+    if schema is None:    # OpenAI's schema is optional: then any JSON object
+        return json_answer(None, name="response_format.json_schema.schema")
+    if not isinstance(schema, dict):
+        raise bad(f"response_format.json_schema.schema must be a JSON schema object, got {_json_type(schema)}",
+                  "response_format.json_schema.schema", "invalid_type")
+    return json_answer(schema, name="response_format.json_schema.schema")
+
 
 
 def parse_tools_fields(tools: Any, tool_choice: Any) -> tuple[tuple, Any]:
