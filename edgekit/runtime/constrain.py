@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, FormatUnavailable
+from ..errors import FormatError, FormatUnavailable, GenerationError
 from .answer_format import AnswerFormat, Choice, Json, Literal, Part, Repeat, Seq, Text
 from .reasoning import CLOSE, OPEN
 
@@ -261,6 +261,8 @@ def check(fmt: AnswerFormat, codec, vocab: int, eos_ids) -> None:
     """Compile ``fmt`` for this tokenizer now (cached), so that a bad format fails before generation starts."""
     v = vocabulary(codec, vocab, eos_ids)
     v.matcher(fmt, after_thought=False)
+    if v.think_id is not None:   # the variant a thought's end switches to, compiled now rather than mid-answer
+        v.matcher(fmt, after_thought=True)
 
 
 # ----- one generation ------------------------------------------------------------------------------------
@@ -296,6 +298,9 @@ class Guide:
         allowed = np.unpackbits(self.bits.view(np.uint8), count=self.v.size, bitorder="little").view(bool)  # (vocab,)
         if self.phase == "detect":
             allowed[self.v.think_id] = True
+        if not allowed.any():   # the library's error state: sampling from nothing would pick an arbitrary token
+            raise GenerationError(f"the answer format allows no next token ({_first_line(m.get_error())}): "
+                                  "report this with the format and the model")
         return np.where(allowed, logits, np.float32(-np.inf))   # ~6x faster than indexing the allowed ids
 
     def advance(self, token: int, text: str) -> bool:
