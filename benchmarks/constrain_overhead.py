@@ -155,7 +155,8 @@ class OutlinesCore:
     def compile(self, schema):
         from outlines_core.json_schema import build_regex_from_schema
 
-        regex = build_regex_from_schema(json.dumps(schema), whitespace_pattern=" ?")  # ", " and ": " as the answer writes them
+        # " ?": the ", " and ": " the answer is written with
+        regex = build_regex_from_schema(json.dumps(schema), whitespace_pattern=" ?")
         return self.oc.Guide(self.oc.Index(regex, self.vocabulary))
 
     def step(self, m, token: int) -> None:
@@ -273,7 +274,8 @@ def part2(work: Path, rounds: int, precision: str) -> None:
         print(f"| {s}: ms/token without a format / with answer_format | {median(ms[s, 'without']):.2f} / "
               f"{median(ms[s, 'with']):.2f} ({100 * (median(ms[s, 'with']) / median(ms[s, 'without']) - 1):+.1f} %) |")
     print(f"| guide: mask + advance per token (ms) | {g:.3f} |")
-    print(f"| guide, mean per token (ms) | {(sum(calls['mask']) + sum(calls['advance'])) / len(calls['mask']) / 1000:.3f} |")
+    mean = (sum(calls["mask"]) + sum(calls["advance"])) / len(calls["mask"]) / 1000
+    print(f"| guide, mean per token (ms) | {mean:.3f} |")
     print(f"| guide / greedy decode step without a format | {100 * g / step:.1f} % |")
     print("\n(With temperature the sampler's softmax over the vocabulary costs less on masked logits, so a "
           "sampled\nanswer can be faster with a format; greedy shows the guide's own cost.)")
