@@ -206,7 +206,8 @@ class _Vocabulary:
         except Exception as e:   # the library's own message: which token or part it cannot map
             raise FormatUnavailable(f"the constraint library cannot map this bundle's tokenizer "
                                     f"({str(e).splitlines()[0][:200]}): structured output is not available "
-                                    "for this model") from None
+                                    "for this model; send the request without a format, or use a bundle with a "
+                                    "byte-level BPE or sentencepiece tokenizer") from None
         self.size = self.tok.vocab_size
         self.vocab = vocab
         self.specials = {t.content: i for i, t in codec.tokenizer.get_added_tokens_decoder().items()
