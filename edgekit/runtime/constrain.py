@@ -2,11 +2,11 @@
 masks the logits before sampling.
 
 Why llguidance (``benchmarks/constrain_overhead.py`` measures it against xgrammar and outlines-core): it has
-no dependency (xgrammar pulls torch, transformers and triton; torch is not installable on a Jetson from
-PyPI), a manylinux aarch64 wheel, reads a tokenizer.json directly, compiles a schema in milliseconds
-(outlines-core builds a regex index over the whole vocabulary per schema), and its grammars have what
-:mod:`edgekit.runtime.answer_format` needs: inline JSON schemas, special-token references and
-and/not terminals.
+no dependency (xgrammar requires torch and transformers — PyPI has no CUDA torch for Jetson, and the device
+runs onnxruntime/TensorRT, not torch), a manylinux aarch64 wheel, reads a tokenizer.json directly, compiles a
+schema in milliseconds (outlines-core builds a regex index over the whole vocabulary per schema: seconds with
+a 152k vocabulary), and its grammars have what :mod:`edgekit.runtime.answer_format` needs: inline JSON
+schemas, special-token references and and/not terminals.
 
 The library is imported only when a request carries a format (``FormatUnavailable`` names the extra to
 install when it is missing); ``edgekit.runtime`` without a format never imports it.
