@@ -222,6 +222,23 @@ def test_bad_formats_name_the_field(smol_codec):
     assert e.field == "answer_format" and "use json_answer(schema)" in str(e)
 
 
+def test_a_tokenizer_the_library_cannot_map_is_a_clear_error():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from edgekit.errors import FormatUnavailable
+    from edgekit.runtime.constrain import check
+    from edgekit.runtime.text import TextCodec
+
+    tok = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "hello": 1, "world": 2, "</s>": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()   # no decoder: token text cannot be turned back into bytes
+    with pytest.raises(FormatUnavailable) as e:
+        check(json_answer(), TextCodec(tok.to_str(), None, {"eos_token_ids": [3]}), 4, {3})
+    assert str(e.value) == (
+        "the constraint library cannot map this bundle's tokenizer (can't determine decoder type: None): structured "
+        "output is not available for this model; send the request without a format, or use a bundle with a "
+        "byte-level BPE or sentencepiece tokenizer")
+
+
 # ----- the real SmolLM2 -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol(smollm2_bundle):

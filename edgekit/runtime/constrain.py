@@ -2,11 +2,11 @@
 masks the logits before sampling.
 
 Why llguidance (``benchmarks/constrain_overhead.py`` measures it against xgrammar and outlines-core): it has
-no dependency (xgrammar pulls torch, transformers and triton; torch is not installable on a Jetson from
-PyPI), a manylinux aarch64 wheel, reads a tokenizer.json directly, compiles a schema in milliseconds
-(outlines-core builds a regex index over the whole vocabulary per schema), and its grammars have what
-:mod:`edgekit.runtime.answer_format` needs: inline JSON schemas, special-token references and
-and/not terminals.
+no dependency (xgrammar requires torch and transformers — PyPI has no CUDA torch for Jetson, and the device
+runs onnxruntime/TensorRT, not torch), a manylinux aarch64 wheel, reads a tokenizer.json directly, compiles a
+schema in milliseconds (outlines-core builds a regex index over the whole vocabulary per schema: seconds with
+a 152k vocabulary), and its grammars have what :mod:`edgekit.runtime.answer_format` needs: inline JSON
+schemas, special-token references and and/not terminals.
 
 The library is imported only when a request carries a format (``FormatUnavailable`` names the extra to
 install when it is missing); ``edgekit.runtime`` without a format never imports it.
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, FormatUnavailable
+from ..errors import FormatError, FormatUnavailable, GenerationError
 from .answer_format import AnswerFormat, Choice, Json, Literal, Part, Repeat, Seq, Text
 from .reasoning import CLOSE, OPEN
 
@@ -206,7 +206,8 @@ class _Vocabulary:
         except Exception as e:   # the library's own message: which token or part it cannot map
             raise FormatUnavailable(f"the constraint library cannot map this bundle's tokenizer "
                                     f"({str(e).splitlines()[0][:200]}): structured output is not available "
-                                    "for this model") from None
+                                    "for this model; send the request without a format, or use a bundle with a "
+                                    "byte-level BPE or sentencepiece tokenizer") from None
         self.size = self.tok.vocab_size
         self.vocab = vocab
         self.specials = {t.content: i for i, t in codec.tokenizer.get_added_tokens_decoder().items()
@@ -261,6 +262,8 @@ def check(fmt: AnswerFormat, codec, vocab: int, eos_ids) -> None:
     """Compile ``fmt`` for this tokenizer now (cached), so that a bad format fails before generation starts."""
     v = vocabulary(codec, vocab, eos_ids)
     v.matcher(fmt, after_thought=False)
+    if v.think_id is not None:   # the variant a thought's end switches to, compiled now rather than mid-answer
+        v.matcher(fmt, after_thought=True)
 
 
 # ----- one generation ------------------------------------------------------------------------------------
@@ -296,6 +299,9 @@ class Guide:
         allowed = np.unpackbits(self.bits.view(np.uint8), count=self.v.size, bitorder="little").view(bool)  # (vocab,)
         if self.phase == "detect":
             allowed[self.v.think_id] = True
+        if not allowed.any():   # the library's error state: sampling from nothing would pick an arbitrary token
+            raise GenerationError(f"the answer format allows no next token ({_first_line(m.get_error())}): "
+                                  "report this with the format and the model")
         return np.where(allowed, logits, np.float32(-np.inf))   # ~6x faster than indexing the allowed ids
 
     def advance(self, token: int, text: str) -> bool:
