@@ -87,6 +87,15 @@ class PromptTooLong(GenerationError):
         self.limit = limit
 
 
+class ToolError(GenerationError):
+    """A tool definition, tool choice or tool message is invalid; ``param`` names the field
+    (``tools[0].function.parameters``, ``tool_choice``, ``messages[3].tool_call_id``)."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class BackendUnavailable(EdgekitError):
     """The requested backend (CUDA, TensorRT) is not usable on this machine."""
 
@@ -122,3 +131,19 @@ class DeviceMismatch(DeviceError):
 
 class DeployFailed(DeviceError):
     """Transfer, on-device verification, engine build or smoke test failed; ``current`` stays on a good release."""
+
+
+# --- structured output ---------------------------------------------------------------------------
+class FormatError(UserInputError):
+    """An answer format that cannot be used: a JSON schema that is not an object, uses what the constraint
+    library does not support, or has a bad $ref; an empty Choice ... ``field`` names where it was given
+    (``response_format.json_schema.schema``, ``format``, ``tools``, ``answer_format``)."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class FormatUnavailable(UserInputError):
+    """Structured output was asked for but cannot run here: the constraint library is not installed, or it
+    cannot map this bundle's tokenizer."""

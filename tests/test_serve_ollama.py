@@ -137,11 +137,11 @@ def test_tags_show_version_ps(tiny, smol):
     assert [m.model for m in tags.models] == ["tiny-qwen2"]
     assert tags.models[0].size > 0 and len(tags.models[0].digest) == 12 and tags.models[0].details.family
     show = client.show("tiny-qwen2")
-    assert show.capabilities == ["completion", "thinking"]   # no "tools": tool calls are not implemented yet
+    assert show.capabilities == ["completion", "tools", "thinking"]
     assert show.modelinfo["general.architecture"] and "num_ctx" in show.parameters
     ctx = [v for k, v in show.modelinfo.items() if k.endswith(".context_length")]
     assert ctx == [256]
-    assert _client(smol).show(_client(smol).list().models[0].model).capabilities == ["completion"]
+    assert _client(smol).show(_client(smol).list().models[0].model).capabilities == ["completion", "tools"]
     ps = client.ps()
     assert [m.model for m in ps.models] == ["tiny-qwen2"] and ps.models[0].size > 0
     version = httpx.get(tiny.url + "/api/version", headers=AUTH, timeout=10).json()["version"]
@@ -172,10 +172,10 @@ def test_errors_in_ollama_shape(tiny):
     bad("options.mirostat is not supported by edgekit serve: use temperature", options={"mirostat": 2})
     bad("options.num_predict 0", options={"num_predict": 0})
     bad("options.top_k must be a whole number", options={"top_k": "many"})
-    bad("tool calls are not supported by edgekit serve yet",
-        tools=[{"type": "function", "function": {"name": "turn_on", "description": "x",
-                                                 "parameters": {"type": "object", "properties": {}}}}])
-    bad("structured output (format) is not supported", format="json")
+    bad("tools[0].function.parameters.properties.on.type \"bool\" is not a JSON schema type",
+        tools=[{"type": "function", "function": {"name": "turn_on", "description": "x", "parameters": {
+            "type": "object", "properties": {"on": {"type": "bool"}}}}}])
+    bad("invalid format: failed to compile JSON schema: Unimplemented keys", format={"not": {"type": "string"}})
     bad("messages[0].role", messages=[{"role": "robot", "content": "hi"}])
     # a prompt longer than num_ctx (but within the server's context) is refused, not cut
     bad("but the request's options.num_ctx is 8", options={"num_ctx": 8})

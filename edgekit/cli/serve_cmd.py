@@ -67,6 +67,11 @@ def _check_key(key: str) -> str:
 @click.option("--thinking-budget", default=None, type=click.IntRange(0), metavar="N",
               help="Default cap on R1 reasoning tokens for requests that do not send thinking_budget (smart-home "
                    "integrations cannot): after N the model is made to answer.")
+@click.option("--tool-choice", default="auto", show_default=True,
+              type=click.Choice(["auto", "required", "after-user"]),
+              help="Tool choice of requests with tools and none of their own (Ollama's API has none): after-user "
+                   "requires a call when the last message is the user's, for small models that rarely start one "
+                   "(Home Assistant).")
 @click.option("--no-prefix-reuse", "no_prefix_reuse", is_flag=True,
               help="Prefill every prompt from scratch instead of keeping the KV rows it shares with the previous "
                    "request.")
@@ -78,7 +83,7 @@ def _check_key(key: str) -> str:
 def serve_cmd(ctx: click.Context, bundle: str, host: str, port: int, api_key: str | None, api_key_file: str | None,
               max_queue: int, max_body: str, max_context: int | None, memory_budget: str | None, threads: int | None,
               backend: str, model_name: str | None, thinking_budget: int | None, shutdown_timeout: float,
-              log_level: str, no_prefix_reuse: bool) -> None:
+              log_level: str, no_prefix_reuse: bool, tool_choice: str) -> None:
     """Serve BUNDLE over OpenAI's chat-completions API (POST /v1/chat/completions, GET /v1/models,
     GET /health, GET /metrics). One generation runs at a time; R1 reasoning comes back as
     reasoning_content. Stops cleanly on SIGTERM or Ctrl+C."""
@@ -109,6 +114,6 @@ def serve_cmd(ctx: click.Context, bundle: str, host: str, port: int, api_key: st
 
     serve(bundle, host, port, api_key=key, max_queue=max_queue, max_context=max_context, memory_budget=budget,
           threads=threads, backend=backend, model_name=model_name, thinking_budget=thinking_budget,
-          shutdown_timeout=shutdown_timeout, max_body_bytes=body, prefix_reuse=not no_prefix_reuse,
-          log_level=log_level, on_listening=listening, on_ready=ready)
+          tool_choice=tool_choice, shutdown_timeout=shutdown_timeout, max_body_bytes=body,
+          prefix_reuse=not no_prefix_reuse, log_level=log_level, on_listening=listening, on_ready=ready)
     click.echo("edgekit serve: stopped", err=True)

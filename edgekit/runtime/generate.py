@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import GenerationError
+from .answer_format import AnswerFormat
 from .prefix import prefill_bounds, reuse as prefix_reuse
 from .reasoning import FORCED_CLOSE, ReasoningSplitter, StopMatcher
 from .sampling import Sampler, SamplingParams
@@ -33,6 +34,7 @@ class GenerationResult:
     reasoning_tokens: int = 0
     thinking_budget_hit: bool = False
     cached_tokens: int = 0         # prompt tokens whose KV rows were kept from the previous request (not prefilled)
+    format_complete: bool | None = None   # with an answer_format: the answer is a whole sentence of it; else None
     tokens: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -59,6 +61,7 @@ class GenerationRequest:
     thinking_budget: int | None = None
     in_reasoning: bool = False      # the prompt left a <think> open
     ignore_eos: bool = False        # benchmarks: always generate max_new_tokens
+    answer_format: AnswerFormat | None = None   # constrain the answer (runtime/constrain.py)
 
 
 def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_ids: set[int],
@@ -105,6 +108,11 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
     reasoning_tokens, budget_hit, finish = 0, False, "length"
     forced = codec.encode(FORCED_CLOSE, add_special_tokens=False) if request.thinking_budget is not None else []
     t_first = None
+    guide = None
+    if request.answer_format is not None:   # imports the constraint library only now
+        from .constrain import Guide
+
+        guide = Guide(request.answer_format, codec, decoder.vocab, eos_ids, in_reasoning=request.in_reasoning)
 
     def emit(delta: str) -> Iterator[Event]:
         for kind, piece in splitter.feed(delta):
@@ -114,10 +122,12 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
         if logits is None or (cancel is not None and cancel.is_set()):
             finish = "cancelled"
             break
+        if guide is not None:
+            logits = guide.mask(logits, splitter.in_reasoning)
         token = sampler(logits)
         if t_first is None:
             t_first = time.perf_counter()
-        if token in eos_ids and not request.ignore_eos:
+        if token in eos_ids and (guide is not None or not request.ignore_eos):
             finish = "stop"
             break
         tokens.append(token)
@@ -126,6 +136,9 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
         text_parts.append(safe)
         yield from emit(safe)
         if stopped:
+            finish = "stop"
+            break
+        if guide is not None and guide.advance(token, safe):   # the format is complete: only EOS could follow
             finish = "stop"
             break
         if splitter.in_reasoning:
@@ -139,6 +152,9 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
                 logits = decoder.step(np.asarray(forced, dtype=np.int64))
                 budget_hit = True
                 forced_text = codec.decode(forced)
+                # A character the budget cut in half is dropped with the thought, not flushed into the answer
+                # as U+FFFD by the next token (it would break a constrained JSON answer).
+                detok = codec.stream(skip_special_tokens=True)
                 text_parts.append(forced_text)
                 yield from emit(forced_text)
                 continue
@@ -160,5 +176,5 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
         prompt_tokens=len(ids), completion_tokens=n, finish_reason=finish,
         ttft_ms=((t_first or t_end) - t0) * 1000, decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
         total_ms=(t_end - t0) * 1000, reasoning_tokens=reasoning_tokens, thinking_budget_hit=budget_hit,
-        tokens=tokens, cached_tokens=kept)
+        tokens=tokens, cached_tokens=kept, format_complete=None if guide is None else guide.complete)
     yield Event("done", result=result)

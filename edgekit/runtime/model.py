@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 from ..errors import BackendUnavailable, BundleError, GenerationError
 from . import aio
+from .answer_format import AnswerFormat
 from .bundle import read_manifest, verify
 from .generate import Event, GenerationRequest, GenerationResult, run
 from .memory import check_budget, graph_memory, rotary_rows
@@ -49,12 +50,14 @@ class Model:
         self._lock = threading.Lock()
 
     # ----- prompt handling ----------------------------------------------------------------------
-    def render(self, prompt: str | None = None, messages: list[dict] | None = None) -> tuple[str, bool]:
-        """(text to tokenize, whether it is a rendered chat template)."""
+    def render(self, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> tuple[str, bool]:
+        """(text to tokenize, whether it is a rendered chat template). ``tools`` is the template's ``tools``
+        variable (OpenAI-shaped definitions; see :mod:`edgekit.runtime.tools` for templates that ignore it)."""
         if (prompt is None) == (messages is None):
             raise GenerationError("give either a prompt or messages, not both or neither")
         if messages is not None:
-            return self.codec.render(messages, add_generation_prompt=True), True
+            return self.codec.render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {})), True
         if not isinstance(prompt, str):
             raise GenerationError(f"the prompt must be a string, got {type(prompt).__name__}")
         return prompt, False
@@ -68,9 +71,12 @@ class Model:
                 top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
                 seed: int | None = None, stop: list[str] | tuple[str, ...] | str | None = None,
                 thinking_budget: int | None = None, truncate: bool = False, ignore_eos: bool = False,
-                ) -> GenerationRequest:
+                answer_format: AnswerFormat | None = None, tools: list[dict] | None = None) -> GenerationRequest:
+        """Render, tokenize and check one request. ``answer_format`` (e.g. ``json_answer(schema)``) constrains the
+        answer (after an R1 thought): a bad format raises FormatError here, before anything is generated; a
+        missing constraint library raises FormatUnavailable naming the extra to install."""
         d = self.defaults
-        text, templated = self.render(prompt, messages)
+        text, templated = self.render(prompt, messages, tools)
         ids = self.codec.encode(text, add_special_tokens=not templated)
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise GenerationError(f"invalid max_new_tokens {max_new_tokens!r}: use a whole number >= 1")
@@ -83,6 +89,10 @@ class Model:
             raise GenerationError("stop must be a string or a list of strings")
         if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 0):
             raise GenerationError(f"invalid thinking_budget {thinking_budget!r}: use a whole number of tokens >= 0")
+        if answer_format is not None:   # compiled now (and cached) so that a bad schema fails before generation
+            from .constrain import check
+
+            check(answer_format, self.codec, self.decoder.vocab, self.eos_ids)
         sampling = SamplingParams(
             temperature=d.get("temperature", 0.0) if temperature is None else temperature,
             top_k=d.get("top_k", 0) if top_k is None else top_k,
@@ -94,7 +104,8 @@ class Model:
             prompt_ids=ids, sampling=sampling,
             max_new_tokens=max_new_tokens if max_new_tokens is not None else d.get("max_new_tokens"),
             stop=tuple(stop or ()), thinking_budget=thinking_budget,
-            in_reasoning=templated and prompt_opens_thinking(text), ignore_eos=ignore_eos)
+            in_reasoning=templated and prompt_opens_thinking(text), ignore_eos=ignore_eos,
+            answer_format=answer_format)
 
     # ----- generation ---------------------------------------------------------------------------
     def stream(self, prompt: str | None = None, *, cancel: threading.Event | None = None, **kw) -> Iterator[Event]:
@@ -119,8 +130,9 @@ class Model:
         """``generate`` for asyncio: :mod:`edgekit.runtime.aio`."""
         return await aio.agenerate(self, prompt, **kw)
 
-    def count_tokens(self, prompt: str | None = None, *, messages: list[dict] | None = None) -> int:
-        text, templated = self.render(prompt, messages)
+    def count_tokens(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                     tools: list[dict] | None = None) -> int:
+        text, templated = self.render(prompt, messages, tools)
         return len(self.codec.encode(text, add_special_tokens=not templated))
 
     def close(self) -> None:

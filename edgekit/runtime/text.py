@@ -313,7 +313,10 @@ def _check_messages(messages) -> None:
     if not isinstance(messages, list) or not messages:
         raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        # an assistant turn that only calls tools has content None (what R1's template tests for)
+        call_only = isinstance(m, dict) and m.get("content") is None and bool(m.get("tool_calls"))
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(m.get("content"), str) or call_only):
             raise GenerationError("each message must be an object with string 'role' and 'content', "
                                   f"got {str(m)[:80]!r}")
         if m["role"] not in ("system", "user", "assistant", "tool"):

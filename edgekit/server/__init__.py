@@ -68,7 +68,8 @@ def url_for(host: str, port: int) -> str:
 def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
           max_queue: int = 8, max_context: int | None = None, memory_budget: int | str | None = None,
           threads: int | None = None, backend: str = "auto", model_name: str | None = None,
-          thinking_budget: int | None = None, shutdown_timeout: float = 10.0, log_level: str = "info",
+          thinking_budget: int | None = None, tool_choice: str = "auto", shutdown_timeout: float = 10.0,
+          log_level: str = "info",
           max_body_bytes: int | None = None, prefix_reuse: bool = True,
           on_listening: Callable[[str], None] | None = None,
           on_ready: Callable[[str, str, int], None] | None = None) -> None:
@@ -79,9 +80,10 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
     when the port is open (with port 0, the URL carries the port chosen). On SIGTERM/SIGINT the server stops
     accepting, refuses waiting requests (503), lets the running generation finish for ``shutdown_timeout``
     seconds, cancels it after that, and returns. ``thinking_budget`` caps R1's thought for requests that do
-    not send their own. ``prefix_reuse`` keeps the KV rows a request shares with the previous one (see
-    ``edgekit.runtime.load``). ``max_body_bytes`` caps a request body (413 beyond; default 8 MiB). Load errors
-    (BundleError, BudgetExceeded, ...) are raised after the port is closed again.
+    not send their own; ``tool_choice`` is the choice for requests with tools and none of their own.
+    ``prefix_reuse`` keeps the KV rows a request shares with the previous one (see ``edgekit.runtime.load``).
+    ``max_body_bytes`` caps a request body (413 beyond; default 8 MiB). Load errors (BundleError,
+    BudgetExceeded, ...) are raised after the port is closed again.
     """
     require_extra()
     if not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
@@ -120,7 +122,8 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
             server_ref[0].should_exit = True
 
     app = create_app(None, api_key=api_key, max_queue=max_queue, model_name=model_id, max_body_bytes=max_body_bytes,
-                     shutdown_timeout=shutdown_timeout, thinking_budget=thinking_budget, loader=load_model,
+                     shutdown_timeout=shutdown_timeout, thinking_budget=thinking_budget, tool_choice=tool_choice,
+                     loader=load_model,
                      on_ready=ready, on_load_failed=load_failed)
     state = app.state.server
     try:

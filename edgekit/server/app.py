@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..errors import GenerationError, PromptTooLong, UserInputError
+from ..errors import FormatError, FormatUnavailable, GenerationError, PromptTooLong, ToolError, UserInputError
 from ..runtime.memory import release_free_heap
 from ..units import fmt_bytes
 from .jobs import ChatResponse, Job, send_json
@@ -61,8 +61,9 @@ class ServerState:
     """Everything the handlers share. Lives in ``app.state.server``; touched only on the event loop's thread."""
 
     def __init__(self, *, api_key: str | None, max_queue: int, model_name: str | None, shutdown_timeout: float,
-                 max_body_bytes: int, thinking_budget: int | None = None):
+                 max_body_bytes: int, thinking_budget: int | None = None, tool_choice: str = "auto"):
         self.model = None
+        self.tool_choice = tool_choice           # for requests with tools and no tool_choice
         self.thinking_budget = thinking_budget   # for requests that do not set one
         self.model_id = model_name
         self.api_key = api_key.encode("utf-8") if api_key else None
@@ -200,9 +201,12 @@ async def admit(request: Request, parse: Callable[[dict], Any]) -> Job:
         params = parse(parse_json_body(raw, ctype))
         if params.thinking_budget is None and state.thinking_budget is not None:
             params = dataclasses.replace(params, thinking_budget=state.thinking_budget)
+        if getattr(params, "uses_tools", False):
+            params = dataclasses.replace(params, tool_plan=_tool_plan(model, params, state.tool_choice))
         kwargs = params.runtime_kwargs()
         if kwargs.get("messages") is not None:
-            model.codec.render(kwargs["messages"], add_generation_prompt=True, max_chars=max_chars)
+            model.codec.render(kwargs["messages"], add_generation_prompt=True, max_chars=max_chars,
+                               **({"tools": kwargs["tools"]} if kwargs.get("tools") else {}))
         elif len(kwargs.get("prompt") or "") > max_chars:   # a raw prompt: no template to render
             raise PromptTooLong("the prompt is too long", limit=max_chars)
         return params, model.request(**kwargs)
@@ -223,8 +227,14 @@ async def admit(request: Request, parse: Callable[[dict], Any]) -> Job:
     except PromptTooLong:
         raise _too_long(model, f"more than {max_chars} characters (no text that long fits in "
                                f"{model.max_context} tokens of this tokenizer)") from None
+    except ToolError as e:
+        raise bad(str(e), e.param) from None
     except GenerationError as e:
         raise bad(str(e), "messages") from None
+    except FormatError as e:   # a schema the constraint library rejects: the field the client sent it in
+        raise bad(str(e), e.field) from None
+    except FormatUnavailable as e:
+        raise ApiError(501, str(e), type="server_error", code="structured_output_unavailable") from None
     finally:
         del raw
     n = len(prepared.prompt_ids)
@@ -252,6 +262,24 @@ async def admit(request: Request, parse: Callable[[dict], Any]) -> Job:
 
 
 _TRIM_AFTER = 1024 * 1024
+
+
+def _tool_plan(model, params, default: str):
+    """The tools plan for this model's template (prompt block or template variable, answer format, parser);
+    ``default`` (edgekit serve --tool-choice) when the request sends no tool_choice."""
+    from ..runtime.tools import default_choice, plan
+
+    choice = params.tool_choice
+    if choice is None and params.tools:
+        choice = default_choice(default, params.messages)
+    made = plan(model.codec, params.messages, list(params.tools), choice, parallel=params.parallel_tool_calls)
+    given = getattr(params, "answer_format", None)
+    if made.answer_format is not None and given is not None:
+        field = given.name.split(".")[0]   # response_format (OpenAI) or format (Ollama)
+        raise ToolError(f"{field} cannot be combined with tools: one answer is decoded under one format; send "
+                        f"tools (the call's arguments follow their schemas) or {field}, or tool_choice \"none\"",
+                        param=field)
+    return made
 
 
 def _trim_heap() -> None:
@@ -387,7 +415,7 @@ class Guard:
 
 def create_app(model=None, *, api_key: str | None = None, max_queue: int = 8, model_name: str | None = None,
                shutdown_timeout: float = 10.0, max_body_bytes: int = MAX_BODY_BYTES,
-               thinking_budget: int | None = None, loader: Callable[[], Any] | None = None,
+               thinking_budget: int | None = None, tool_choice: str = "auto", loader: Callable[[], Any] | None = None,
                on_ready: Callable[[ServerState], None] | None = None,
                on_load_failed: Callable[[BaseException], None] | None = None) -> Starlette:
     """The app for ``model`` (a loaded Model), or for the model ``loader()`` returns.
@@ -395,13 +423,19 @@ def create_app(model=None, *, api_key: str | None = None, max_queue: int = 8, mo
     With a ``loader`` the app answers at once (``/health`` 503 "loading") and loads on a thread when the
     server starts; ``on_ready(state)`` runs once requests are served and ``on_load_failed(exc)`` if loading
     raised. ``thinking_budget`` is the default for requests that send none (smart-home integrations cannot
-    add extension fields). ``app.state.server`` is the :class:`ServerState` (slot, metrics, draining).
+    add extension fields); ``tool_choice`` likewise for requests with tools and no tool_choice ("auto",
+    "required" or "after-user", see :data:`edgekit.runtime.tools.DEFAULT_CHOICES`). ``app.state.server`` is the
+    :class:`ServerState` (slot, metrics, draining).
     """
     if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 0):
         raise UserInputError(f"invalid thinking_budget {thinking_budget!r}: use a whole number of tokens >= 0")
+    from ..runtime.tools import DEFAULT_CHOICES
+
+    if tool_choice not in DEFAULT_CHOICES:
+        raise UserInputError(f"invalid tool_choice {tool_choice!r}: use one of {', '.join(DEFAULT_CHOICES)}")
     state = ServerState(api_key=api_key, max_queue=max_queue, model_name=model_name,
                         shutdown_timeout=shutdown_timeout, max_body_bytes=max_body_bytes,
-                        thinking_budget=thinking_budget)
+                        thinking_budget=thinking_budget, tool_choice=tool_choice)
     if model is not None:
         state.attach(model)
 

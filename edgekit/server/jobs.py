@@ -127,11 +127,18 @@ class Job:
 
     def completion(self, result) -> dict:
         message: dict[str, Any] = {"role": "assistant", "content": result.answer}
+        finish = _finish(result.finish_reason)
+        plan = self.params.tool_plan
+        if plan is not None:   # the answer (never the reasoning) is read for calls
+            content, calls = plan.parse(result.answer, result.finish_reason)
+            if calls:
+                message["content"] = content
+                message["tool_calls"] = [c.openai() for c in calls]
+                finish = tool_finish(result, calls)
         if self.reasoning or result.reasoning:
             message["reasoning_content"] = result.reasoning
         body = self._envelope("chat.completion")
-        body["choices"] = [{"index": 0, "message": message, "logprobs": None,
-                            "finish_reason": _finish(result.finish_reason)}]
+        body["choices"] = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
         body["usage"] = _usage(result)
         return body
 
@@ -159,6 +166,26 @@ _SHUT_DOWN = ApiError(503, "the server shut down before the generation finished"
 
 def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
+
+
+def tool_finish(result, calls) -> str:
+    """OpenAI's finish_reason for an answer: "tool_calls" when it ended with complete calls."""
+    return "tool_calls" if calls and result.finish_reason == "stop" else _finish(result.finish_reason)
+
+
+def _openai_tool_delta(event: tuple) -> dict | None:
+    """A ToolCallParser event as an OpenAI chunk delta: the first chunk of a call has index, id, type, name and
+    arguments ""; the next ones carry pieces of the arguments."""
+    kind = event[0]
+    if kind == "content":
+        return {"content": event[1]}
+    if kind == "call":
+        call = event[2]
+        return {"tool_calls": [{"index": event[1], "id": call.id, "type": "function",
+                                "function": {"name": call.name, "arguments": ""}}]}
+    if kind == "arguments":
+        return {"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}
+    return None
 
 
 def _usage(result) -> dict:
@@ -260,6 +287,9 @@ class ChatResponse(Response):
 
         await emit(job.chunk({"role": "assistant", "content": ""}))
         result = None
+        plan = job.params.tool_plan
+        parser = plan.parser() if plan is not None else None
+        calls: list = []
         while True:
             item = await job.events.get()
             if item is _END:
@@ -269,10 +299,21 @@ class ChatResponse(Response):
                 continue
             if item.kind == "reasoning":
                 await emit(job.chunk({"reasoning_content": item.text}))
+            elif item.kind == "answer" and parser is not None:
+                for event in parser.feed(item.text):
+                    delta = _openai_tool_delta(event)
+                    if delta is not None:
+                        await emit(job.chunk(delta))
             elif item.kind == "answer":
                 await emit(job.chunk({"content": item.text}))
             elif item.kind == "done":
                 result = item.result
+        if parser is not None and result is not None:
+            events, _, calls = parser.finish(cut=result.finish_reason == "length")
+            for event in events:
+                delta = _openai_tool_delta(event)
+                if delta is not None:
+                    await emit(job.chunk(delta))
         if result is not None and result.finish_reason == "cancelled":
             if job.stop_reason == "shutdown":
                 await emit(error_body("the server shut down before the generation finished",
@@ -281,7 +322,7 @@ class ChatResponse(Response):
             usage = _usage(result)
             # OpenAI sends usage in an extra chunk with no choices when asked (stream_options.include_usage);
             # clients that did not ask get it on the final chunk, where choice-indexing code still works.
-            await emit(job.chunk({}, _finish(result.finish_reason), None if job.params.include_usage else usage))
+            await emit(job.chunk({}, tool_finish(result, calls), None if job.params.include_usage else usage))
             if job.params.include_usage:
                 final = job._envelope("chat.completion.chunk")
                 final["choices"], final["usage"] = [], usage

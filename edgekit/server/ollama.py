@@ -13,8 +13,12 @@ disconnect); only the request fields and the answer's shape differ:
 - an R1 bundle's reasoning goes in ``thinking`` (``message.thinking`` for chat), never mixed into the content;
   ``think: false`` gives the model no thinking budget (it answers at once);
 - errors are ``{"error": "..."}`` with the HTTP status;
-- ``tools``, ``format``, ``images``, ``suffix``, ``template`` and ``context`` are refused with a 400 saying so:
-  tool calls and constrained output are not implemented yet.
+- ``format`` constrains the answer (after an R1 thought): ``"json"`` any JSON object, or a JSON schema object;
+- ``tools`` on /api/chat work as on the OpenAI API (:mod:`edgekit.runtime.tools`): a call comes back as
+  ``message.tool_calls`` ([{"function": {"index", "name", "arguments": {...}}}]) in one chunk once it is complete;
+  earlier calls come with arguments as objects, results as ``role: tool`` (``tool_name`` optional: Home Assistant
+  sends only the content; a result answers the earliest unanswered call);
+- ``images``, ``suffix``, ``template`` and ``context`` are refused with a 400 saying so.
 """
 
 from __future__ import annotations
@@ -30,16 +34,15 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from .jobs import _END, _SHUT_DOWN, ChatResponse, _failure
-from .schemas import ApiError, ChatParams, _bool, _float, _int, _json_type, _messages, _show, _stop, _utf8, bad
+from ..runtime.answer_format import AnswerFormat, json_answer
+from .schemas import (ApiError, ChatParams, _bool, _float, _int, _json_type, _messages, _show, _stop, _utf8, bad,
+                      parse_tools_fields)
 
 _NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache"),
            (b"x-accel-buffering", b"no")]
 # The options this server applies (Ollama's names); any other is refused with a 400 naming it.
 _OPTIONS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "num_predict", "stop", "num_ctx")
-_NOT_YET = {"tools": "tool calls are not supported by edgekit serve yet: send the request without tools",
-            "format": "structured output (format) is not supported by edgekit serve yet: send the request "
-                      "without format",
-            "images": "this model reads text only: send the request without images",
+_NOT_YET = {"images": "this model reads text only: send the request without images",
             "suffix": "fill-in-the-middle (suffix) is not supported: send the request without suffix",
             "template": "a per-request template is not supported: the bundle's chat template is used; send the "
                         "request without template",
@@ -146,13 +149,51 @@ def _chat_messages(value: Any) -> list[dict[str, str]]:
                 continue   # _messages names it
             if m.get("images"):
                 raise bad(f"messages[{i}].images: this model reads text only", f"messages[{i}].images")
-            if m.get("tool_calls"):
-                raise bad(f"messages[{i}].tool_calls: {_NOT_YET['tools']}", f"messages[{i}].tool_calls")
             thinking = m.get("thinking")
             if thinking is not None and not isinstance(thinking, str):
                 raise bad(f"messages[{i}].thinking must be a string", f"messages[{i}].thinking")
             # An assistant turn's thinking is not sent back to the model (DeepSeek's guidance for R1).
+        value = _openai_tool_messages(value)
     return _messages(value)
+
+
+def _openai_tool_messages(value: list) -> list:
+    """Ollama's tool turns in OpenAI's shape (what schemas._messages checks): a call's arguments are an object
+    here, a JSON string there; a tool result names the tool (``tool_name``) or nothing (Home Assistant sends
+    only the content) and gets the id of the call it answers, in order."""
+    out, pending = [], []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
+        calls = m.get("tool_calls")
+        if m.get("role") == "assistant" and calls is not None:
+            if not isinstance(calls, list):
+                raise bad(f"messages[{i}].tool_calls must be a list of tool calls", f"messages[{i}].tool_calls")
+            converted = []
+            for j, c in enumerate(calls):
+                f = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(f, dict):
+                    raise bad(f"messages[{i}].tool_calls[{j}] must be {{\"function\": {{\"name\": ..., "
+                              "\"arguments\": {...}}}}}", f"messages[{i}].tool_calls[{j}]")
+                args = f.get("arguments", {})
+                if not isinstance(args, dict):
+                    raise bad(f"messages[{i}].tool_calls[{j}].function.arguments must be an object",
+                              f"messages[{i}].tool_calls[{j}].function.arguments")
+                cid = c.get("id") if isinstance(c.get("id"), str) and c.get("id") else f"call_{i}_{j}"
+                converted.append({"id": cid, "type": "function", "function": {
+                    "name": f.get("name"), "arguments": json.dumps(args, ensure_ascii=False)}})
+            pending = [(c["id"], c["function"]["name"]) for c in converted]
+            m = {**m, "tool_calls": converted}
+        elif m.get("role") == "tool":
+            name = m.get("tool_name", m.get("name"))
+            if name is not None and not isinstance(name, str):
+                raise bad(f"messages[{i}].tool_name must be a string", f"messages[{i}].tool_name")
+            at = next((k for k, (_, n) in enumerate(pending) if name is None or n == name), None)
+            cid, called = pending.pop(at) if at is not None else (f"call_{i}", name)
+            m = {**m, "tool_call_id": m.get("tool_call_id") or cid, "name": name or called}
+        out.append(m)
+    return out
 
 
 def _common(body: dict, model, state, **text) -> OllamaParams:
@@ -164,14 +205,31 @@ def _common(body: dict, model, state, **text) -> OllamaParams:
         raise bad(f"keep_alive must be a duration such as \"5m\" or a number of seconds, got "
                   f"{_json_type(keep_alive)}", "keep_alive")
     return OllamaParams(model=name, stream=stream is not False, **_think(body, model),
-                        **_options(body, model), **text)
+                        **_options(body, model), answer_format=_format(body.get("format")), **text)
+
+
+def _format(value: Any) -> AnswerFormat | None:
+    """Ollama's ``format``: "json" (any JSON object) or a JSON schema object; the schema is compiled later,
+    for the model's tokenizer (a 400 naming ``format`` if the constraint library rejects it)."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return json_answer(None, name="format")
+    if not isinstance(value, dict):
+        raise bad(f"format must be \"json\" or a JSON schema object, got {_json_type(value)} {_show(value)}",
+                  "format")
+    return json_answer(value, name="format")
 
 
 def parse_chat(body: dict, model, state) -> OllamaParams:
-    return _common(body, model, state, messages=_chat_messages(body.get("messages")))
+    tools, choice = parse_tools_fields(body.get("tools"), None)   # Ollama has no tool_choice: "auto"
+    return _common(body, model, state, messages=_chat_messages(body.get("messages")), tools=tools,
+                   tool_choice=choice)
 
 
 def parse_generate(body: dict, model, state) -> OllamaParams:
+    if body.get("tools") not in (None, []):
+        raise bad("tools are for /api/chat: send the request there, as messages", "tools")
     prompt, system = body.get("prompt"), body.get("system")
     if not isinstance(prompt, str):
         raise bad(f"prompt must be a string, got {_json_type(prompt)}", "prompt")
@@ -232,7 +290,27 @@ class OllamaResponse(ChatResponse):
         return body
 
     def answer_json(self, result) -> dict:
-        return self._last(result, result.answer, result.reasoning)
+        plan = self.job.params.tool_plan
+        if plan is None:
+            return self._last(result, result.answer, result.reasoning)
+        # the answer only: the thinking is never read for calls
+        content, calls = plan.parse(result.answer, result.finish_reason)
+        body = self._last(result, result.answer if not calls else content or "", result.reasoning)
+        if calls:
+            body["message"]["tool_calls"] = [c.ollama(k) for k, c in enumerate(calls)]
+        return body
+
+    def _tool_pieces(self, events: list[tuple]) -> list[dict]:
+        """Parser events as Ollama chunks: content as it comes, each call in one chunk once it is complete."""
+        pieces = []
+        for event in events:
+            if event[0] == "content":
+                pieces.append(self._piece(answer=event[1]))
+            elif event[0] == "done":
+                piece = self._piece()
+                piece["message"]["tool_calls"] = [event[2].ollama(event[1])]
+                pieces.append(piece)
+        return pieces
 
     def error_json(self, error: ApiError) -> dict:
         return {"error": error.message}
@@ -245,6 +323,8 @@ class OllamaResponse(ChatResponse):
             await send({"type": "http.response.body", "body": _line(obj), "more_body": True})
 
         result = None
+        plan = job.params.tool_plan
+        parser = plan.parser() if plan is not None and job.params.chat else None
         while True:
             item = await job.events.get()
             if item is _END:
@@ -253,10 +333,16 @@ class OllamaResponse(ChatResponse):
                 await emit(self.error_json(_failure(item)))
             elif item.kind == "reasoning" and job.params.think is not False:
                 await emit(self._piece(thinking=item.text))
+            elif item.kind == "answer" and parser is not None:
+                for piece in self._tool_pieces(parser.feed(item.text)):
+                    await emit(piece)
             elif item.kind == "answer":
                 await emit(self._piece(answer=item.text))
             elif item.kind == "done":
                 result = item.result
+        if parser is not None and result is not None and result.finish_reason != "cancelled":
+            for piece in self._tool_pieces(parser.finish(cut=result.finish_reason == "length")[0]):
+                await emit(piece)
         if result is not None and result.finish_reason == "cancelled":
             if job.stop_reason == "shutdown":
                 await emit(self.error_json(_SHUT_DOWN))
@@ -370,7 +456,7 @@ async def api_show(request: Request) -> Response:
     body = parse_json_body(await _read_body(request, 64 * 1024), request.headers.get("content-type"))
     _model_name(body, state)
     spec, d = model.spec, model.defaults
-    capabilities = ["completion"] + (["thinking"] if d.get("reasoning") else [])
+    capabilities = ["completion", "tools"] + (["thinking"] if d.get("reasoning") else [])
     params = {"temperature": d.get("temperature"), "top_p": d.get("top_p"), "top_k": d.get("top_k"),
               "min_p": d.get("min_p"), "repeat_penalty": d.get("repetition_penalty"),
               "num_predict": d.get("max_new_tokens"), "num_ctx": model.max_context}

@@ -2,8 +2,11 @@
 
 Clients are written against OpenAI's API, so a bad request gets what OpenAI would send: a 4xx status and
 ``{"error": {"message", "type", "param", "code"}}`` whose message says what was wrong and what is valid.
-Fields this server does not know are ignored (clients send many: ``user``, ``store``, ``tools``,
-``response_format`` ...); fields it knows are type- and range-checked here, before anything is tokenized.
+Fields this server does not know are ignored (clients send many: ``user``, ``store``, ``metadata`` ...); fields
+it knows are type- and range-checked here, before anything is tokenized. ``response_format`` ("text",
+"json_object", "json_schema") becomes an :class:`~edgekit.runtime.answer_format.AnswerFormat`; the schema
+itself is compiled for the model's tokenizer when the request is prepared (a 400 naming
+``response_format.json_schema.schema`` when the constraint library rejects it).
 Extensions beyond OpenAI's fields (sent top-level, which is what the openai client's ``extra_body`` does):
 ``thinking_budget``, ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``.
 """
@@ -14,6 +17,8 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from ..runtime.answer_format import AnswerFormat, json_answer
 
 MAX_STOP = 16                 # OpenAI allows 4; a few more costs nothing here
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -187,9 +192,52 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise bad(f"{where}.role {_show(role)} is not valid: use one of {', '.join(ROLES)}", f"{where}.role")
         # "developer" is OpenAI's newer name for the system message; templates only know "system".
         # An assistant turn's reasoning_content is not sent back to the model (DeepSeek's guidance for R1).
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(m.get("content"), f"{where}.content", role)})
+        message = {"role": "system" if role == "developer" else role,
+                   "content": _content(m.get("content"), f"{where}.content", role)}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            message["content"] = message["content"] or None   # a turn that only calls tools (R1's template)
+        elif role == "tool":
+            tool_call_id = m.get("tool_call_id")
+            if not isinstance(tool_call_id, str) or not tool_call_id:
+                raise bad(f"{where}.tool_call_id is required: a tool message answers the call with that id",
+                          f"{where}.tool_call_id", "invalid_type")
+            message["tool_call_id"] = tool_call_id
+            if isinstance(m.get("name"), str):
+                message["name"] = m["name"]
+        out.append(message)
     return out
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """An assistant turn's tool_calls, OpenAI's shape: arguments a JSON string (checked, kept as sent)."""
+    if not isinstance(value, list):
+        raise bad(f"{where} must be a list of tool calls", where, "invalid_type")
+    calls = []
+    for j, c in enumerate(value):
+        at = f"{where}[{j}]"
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise bad(f"{at} must be {{\"id\": ..., \"type\": \"function\", \"function\": {{\"name\": ..., "
+                      "\"arguments\": \"{...}\"}}}}", at, "invalid_type")
+        if c.get("type", "function") != "function":
+            raise bad(f"{at}.type must be \"function\"", f"{at}.type")
+        args = f.get("arguments", "{}")
+        if not isinstance(args, str):
+            raise bad(f"{at}.function.arguments must be a string holding a JSON object", f"{at}.function.arguments",
+                      "invalid_type")
+        try:
+            parsed = json.loads(args) if args.strip() else {}
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise bad(f"{at}.function.arguments is not a JSON object: send the arguments the call was made with",
+                      f"{at}.function.arguments")
+        cid = c.get("id")
+        calls.append({"id": cid if isinstance(cid, str) and cid else f"call_{j}", "type": "function",
+                      "function": {"name": _utf8(f["name"], f"{at}.function.name"),
+                                   "arguments": _utf8(args, f"{at}.function.arguments")}})
+    return calls
 
 
 def _stop(value: Any) -> list[str] | None:
@@ -219,13 +267,33 @@ class ChatParams:
     stop: list[str] | None = None
     thinking_budget: int | None = None
     ignore_eos: bool = False
+    answer_format: AnswerFormat | None = None   # response_format (OpenAI) / format (Ollama)
+    # tools (runtime.tools): what the client sent, and the plan made for the model's template in admit()
+    tools: tuple = ()
+    tool_choice: Any = None
+    parallel_tool_calls: bool = False
+    tool_plan: Any = None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools offered, or tool calls / results in the conversation (which the template must get right)."""
+        return bool(self.tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in self.messages or ())
 
     def runtime_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Model.stream``/``Model.request`` (None = the bundle's default)."""
-        return {"messages": self.messages, "max_new_tokens": self.max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": self.stop,
-                "thinking_budget": self.thinking_budget, "ignore_eos": self.ignore_eos}
+        kwargs = {"messages": self.messages, "max_new_tokens": self.max_tokens, "temperature": self.temperature,
+                  "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                  "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": self.stop,
+                  "thinking_budget": self.thinking_budget, "ignore_eos": self.ignore_eos,
+                  "answer_format": self.answer_format}
+        plan = self.tool_plan
+        if plan is not None:
+            kwargs["messages"] = plan.messages
+            if plan.template_tools:
+                kwargs["tools"] = plan.template_tools
+            if plan.answer_format is not None:   # admit() refuses tools together with response_format
+                kwargs["answer_format"] = plan.answer_format
+        return kwargs
 
 
 def parse_chat(body: dict[str, Any]) -> ChatParams:
@@ -269,9 +337,64 @@ def parse_chat(body: dict[str, Any]) -> ChatParams:
                       "invalid_type")
         include_usage = bool(options.get("include_usage"))
 
+    tools, tool_choice = parse_tools_fields(body.get("tools"), body.get("tool_choice"))
     return ChatParams(
+        tools=tools, tool_choice=tool_choice, parallel_tool_calls=bool(_bool(body, "parallel_tool_calls")),
         messages=messages, stream=stream, include_usage=include_usage, max_tokens=max_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
         seed=seed, stop=_stop(body.get("stop")),
         thinking_budget=_int(body, "thinking_budget", 0, what=" (reasoning tokens before the answer is forced)"),
-        ignore_eos=bool(_bool(body, "ignore_eos")))
+        ignore_eos=bool(_bool(body, "ignore_eos")), answer_format=_response_format(body.get("response_format")))
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _response_format(value: Any) -> AnswerFormat | None:
+    """OpenAI's response_format: None/"text" (free text), "json_object" (any JSON object), "json_schema"."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad(f"response_format must be an object such as {{\"type\": \"json_object\"}}, got {_json_type(value)}",
+                  "response_format", "invalid_type")
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise bad(f"response_format.type {_show(kind)} is not valid: use one of {', '.join(RESPONSE_FORMATS)}",
+                  "response_format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_answer(None, name="response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad(f"response_format.json_schema must be an object with name and schema, got {_json_type(spec)}",
+                  "response_format.json_schema", "invalid_type")
+    name = spec.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 64 or not all(c.isascii() and (c.isalnum() or c in "_-")
+                                                                         for c in name):
+        raise bad(f"response_format.json_schema.name {_show(name)} is not valid: use 1 to 64 letters, digits, _ "
+                  "or -", "response_format.json_schema.name")
+    if spec.get("strict") not in (None, True, False):
+        raise bad("response_format.json_schema.strict must be true or false", "response_format.json_schema.strict",
+                  "invalid_type")
+    schema = spec.get("schema")
+    if schema is None:    # OpenAI's schema is optional: then any JSON object
+        return json_answer(None, name="response_format.json_schema.schema")
+    if not isinstance(schema, dict):
+        raise bad(f"response_format.json_schema.schema must be a JSON schema object, got {_json_type(schema)}",
+                  "response_format.json_schema.schema", "invalid_type")
+    return json_answer(schema, name="response_format.json_schema.schema")
+
+
+
+def parse_tools_fields(tools: Any, tool_choice: Any) -> tuple[tuple, Any]:
+    """``tools`` and ``tool_choice`` checked (a 400 naming the field, e.g. ``tools[0].function.parameters``)."""
+    from ..errors import ToolError
+    from ..runtime.tools import parse_tool_choice, parse_tools
+
+    try:
+        parsed = parse_tools(tools)
+        # None: the server's default (edgekit serve --tool-choice) is applied in admit()
+        return tuple(parsed), None if tool_choice is None else parse_tool_choice(tool_choice, parsed)
+    except ToolError as e:
+        raise bad(str(e), e.param) from None
