@@ -2,7 +2,8 @@
 
 Graph contract (``B`` = batch, ``S`` = new tokens this step, ``P`` = tokens already in the cache,
 ``C`` = KV capacity (the runtime's max_context), ``L`` = layers, ``Hkv`` = KV heads, ``D`` = head_dim,
-``V`` = vocab; ``N`` = 1 when logits are "last", else S; float = the precision's float type)
+``V`` = vocab; ``N`` = 1 when logits are "last" (``ort``: ``logits_rows``, default 1), else S; float = the
+precision's float type)
 
 dialect ``ort`` (onnxruntime CPU/CUDA; contrib ops, in-place KV cache)::
 
@@ -10,6 +11,9 @@ dialect ``ort`` (onnxruntime CPU/CUDA; contrib ops, in-place KV cache)::
            seqlens_k              int32  (B,)        P + S - 1 (index of the last valid position)
            total_sequence_length  int32  (1,)        P + S
            past_key_{i}           float  (B, Hkv, C, D)   i = 0 .. L-1, likewise past_value_{i}
+           logits_rows            int64  (1,)        "last" graphs only, optional: N, 1 <= N <= S; its default
+                                                     (an initializer of the same name) is 1. Speculative
+                                                     decoding feeds S to verify S tokens in one run.
   outputs  logits                 float32 (B, N, V)
            present_key_{i}        float  (B, Hkv, C, D)   the SAME buffer as past_key_{i}
            present_value_{i}      float  (B, Hkv, C, D)
