@@ -54,6 +54,9 @@ from .rope import rope_tables
 DIALECTS = ("ort", "tensorrt")
 FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 _NEG = -1e9  # masked attention score; finite so that a fully masked row cannot produce NaN
+# Changes with the graph contract within one edgekit version (the export cache's key): 2 = ort "last" graphs
+# take logits_rows (speculative decoding's verify step)
+GRAPH_REVISION = 2
 
 
 @dataclass(frozen=True)

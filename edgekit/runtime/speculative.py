@@ -81,10 +81,6 @@ class Speculation:
             return cls(draft="ngram" if str(value) == "ngram" else value)
         raise UserInputError(f"invalid speculative {value!r}: use 'ngram', a draft bundle's path, or a Speculation")
 
-    def describe(self) -> str:
-        what = "ngram" if self.draft == "ngram" else "draft model"
-        return f"{what}, k {self.k}" + (f", n {self.min_ngram}..{self.ngram}" if self.draft == "ngram" else "")
-
 
 class PromptLookup:
     """Drafts the tokens that followed the latest earlier occurrence of the context's last n tokens."""
