@@ -296,12 +296,12 @@ def test_serve_streams_with_speculation(smollm2_bundle, smol, tmp_path):
 def smol_int4(smollm2_gguf, tmp_path_factory):
     """SmolLM2 INT4 at both MatMulNBits accuracy levels (a tiny random model shows no kernel difference at
     level 4: the real weights and shapes do)."""
-    from conftest import _build
-    from edgekit.build import QuantOptions
+    from edgekit.build import QuantOptions, build
+    from edgekit.target import load_target
 
     folder = tmp_path_factory.mktemp("spec-int4")
-    return {level: load(_build(smollm2_gguf, folder / f"acc{level}", context=256, precision="int4",
-                               quant=QuantOptions(accuracy_level=level)), threads=2)
+    return {level: load(build(smollm2_gguf, load_target("cpu"), output=folder / f"acc{level}", context=256,
+                              precision="int4", quant=QuantOptions(accuracy_level=level)).bundle, threads=2)
             for level in (0, 4)}
 
 
