@@ -51,6 +51,9 @@ class BenchCase:
     decode_tok_s_spread: float
     generated: int             # tokens actually generated in the median run (EOS may stop early without ignore_eos)
     peak_rss_mib: float
+    drafted: int = 0           # speculative decoding, summed over the runs
+    accepted: int = 0
+    acceptance_rate: float = 0.0
 
     def to_dict(self) -> dict:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -69,9 +72,11 @@ def bench(model, prompt_lengths: list[int], new_tokens: int, runs: int = 3, *, i
         results = [_once(model, prompt_of(model, n), new_tokens, ignore_eos) for _ in range(runs)]
         ttft = [r.ttft_ms for r in results]
         tps = [r.decode_tok_s for r in results]
+        drafted, accepted = sum(r.drafted for r in results), sum(r.accepted for r in results)
         cases.append(BenchCase(n, new_tokens, runs, statistics.median(ttft), max(ttft) - min(ttft),
                                statistics.median(tps), max(tps) - min(tps),
-                               int(statistics.median(r.completion_tokens for r in results)), peak_rss_mib()))
+                               int(statistics.median(r.completion_tokens for r in results)), peak_rss_mib(),
+                               drafted, accepted, accepted / drafted if drafted else 0.0))
     return cases
 
 
@@ -122,6 +127,6 @@ def _once(model, ids: list[int], new_tokens: int, ignore_eos: bool, *, reuse: bo
                                 ignore_eos=ignore_eos)
     with model._lock:
         for event in run(model.decoder, model.codec, request, prefill_chunk=model.prefill_chunk, eos_ids=model.eos_ids,
-                         reuse=reuse):
+                         reuse=reuse, **model.speculation()):
             if event.kind == "done":
                 return event.result

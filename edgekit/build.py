@@ -21,6 +21,7 @@ from typing import Callable
 from . import __version__
 from .errors import DoesNotFit, UserInputError
 from .export import ExportResult, GraphOptions, export_onnx
+from .export.decoder import GRAPH_REVISION
 from .plan import Plan, plan
 from .quant.sizes import BUILDABLE, DIALECT_OF_BACKEND
 from .runtime.bundle import SCHEMA, write_manifest
@@ -160,7 +161,8 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
         if cache_dir is not None:
             from .export_cache import cache_key
 
-            key = cache_key(reader.fingerprint(), options=options, precision=precision, quant=quant)
+            key = cache_key(reader.fingerprint(), options=options, precision=precision, quant=quant,
+                            graph=GRAPH_REVISION)
         with staged_output(output, force=force) as tmp:
             exported, quantization = _export(reader, source, tmp, options, precision, quant, progress,
                                              cache_dir, key, the_plan.weights_bytes)

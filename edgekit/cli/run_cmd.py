@@ -14,7 +14,29 @@ CHAT_HELP = ("commands: /reset clears the conversation, /exit (or /quit, /bye, C
              "start a message with // to send a line that begins with /")
 
 
+def speculative_options(f):
+    """--speculative/--draft-tokens/--ngram: shared by run, chat, bench and serve."""
+    f = click.option("--ngram", type=click.IntRange(1, 16), default=3, show_default=True, metavar="N",
+                     help="Prompt lookup: match the last N tokens (then shorter, down to 2).")(f)
+    f = click.option("--draft-tokens", type=click.IntRange(1, 16), default=5, show_default=True, metavar="K",
+                     help="Speculative decoding: at most K drafted tokens checked per model step.")(f)
+    return click.option("--speculative", default=None, metavar="ngram|BUNDLE",
+                        help="Speculative decoding (off by default): 'ngram' drafts by prompt lookup, a path "
+                             "drafts with that smaller bundle (same tokenizer).")(f)
+
+
+def speculation(speculative: str | None, draft_tokens: int, ngram: int):
+    """The load(speculative=...) value for the CLI options (None: off)."""
+    if speculative is None:
+        return None
+    from ..runtime.speculative import Speculation
+
+    return Speculation(draft="ngram" if speculative == "ngram" else Path(speculative), k=draft_tokens,
+                       ngram=ngram, min_ngram=min(2, ngram))
+
+
 def _load_options(f):
+    f = speculative_options(f)
     f = click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads [default: all].")(f)
     f = click.option("--backend", default="auto", show_default=True,
                      help="auto, onnxruntime-cpu, onnxruntime-cuda or tensorrt.")(f)
@@ -24,10 +46,12 @@ def _load_options(f):
     return click.argument("bundle", type=click.Path(path_type=Path))(f)
 
 
-def _load(bundle, memory_budget, max_context, backend, threads):
+def _load(bundle, memory_budget, max_context, backend, threads, kw):
     from ..runtime.model import load
 
-    return load(bundle, max_context=max_context, memory_budget=memory_budget, backend=backend, threads=threads)
+    spec = speculation(kw.pop("speculative"), kw.pop("draft_tokens"), kw.pop("ngram"))
+    return load(bundle, max_context=max_context, memory_budget=memory_budget, backend=backend, threads=threads,
+                speculative=spec)
 
 
 def _sampling_options(f):
@@ -67,7 +91,7 @@ def _sampling(kw) -> dict:
 def run_cmd(bundle, prompt, memory_budget, max_context, backend, threads, raw, truncate, show_reasoning, as_json,
             **kw):
     """Generate a reply to PROMPT with BUNDLE."""
-    model = _load(bundle, memory_budget, max_context, backend, threads)
+    model = _load(bundle, memory_budget, max_context, backend, threads, kw)
     args = _sampling(kw)
     target = {"prompt": prompt} if raw or not model.codec.has_chat_template else {
         "messages": model.chat_prompt(prompt)}
@@ -76,8 +100,9 @@ def run_cmd(bundle, prompt, memory_budget, max_context, backend, threads, raw, t
         echo_json(result.to_dict())
         return
     result = _stream_to_terminal(model.stream(**target, truncate=truncate, **args), show_reasoning)
+    drafts = f", {result.accepted}/{result.drafted} drafts accepted" if model.speculative is not None else ""
     click.echo(f"[{result.prompt_tokens} prompt + {result.completion_tokens} tokens, ttft {result.ttft_ms:.0f} ms, "
-               f"{result.decode_tok_s:.1f} tok/s, {result.finish_reason}]", err=True)
+               f"{result.decode_tok_s:.1f} tok/s{drafts}, {result.finish_reason}]", err=True)
 
 
 def _stream_to_terminal(events, show_reasoning: bool):
@@ -110,7 +135,7 @@ def _stream_to_terminal(events, show_reasoning: bool):
 def chat_cmd(bundle, memory_budget, max_context, backend, threads, hide_reasoning, **kw):
     """Talk to BUNDLE interactively. /reset clears the conversation, /exit (or Ctrl-D) quits, /help lists the
     commands."""
-    model = _load(bundle, memory_budget, max_context, backend, threads)
+    model = _load(bundle, memory_budget, max_context, backend, threads, kw)
     args = _sampling(kw)
     if not model.codec.has_chat_template:
         raise click.UsageError("this bundle has no chat template: use `edgekit run --raw` instead")
@@ -160,12 +185,12 @@ def chat_cmd(bundle, memory_budget, max_context, backend, threads, hide_reasonin
                    "that prefix (prefix reuse), and their ratio.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_cmd(bundle, memory_budget, max_context, backend, threads, prompt_tokens, new_tokens, runs, ignore_eos,
-              shared_prefix, as_json):
+              shared_prefix, as_json, **kw):
     """Time to first token, decode tok/s and peak memory for BUNDLE (medians over --runs)."""
     from ..bench import bench, shared_prefix as shared_prefix_case
 
     if shared_prefix is not None:
-        model = _load(bundle, memory_budget, max_context, backend, threads)
+        model = _load(bundle, memory_budget, max_context, backend, threads, kw)
         case = shared_prefix_case(model, shared_prefix, new_tokens, runs)
         if as_json:
             echo_json({"bundle": str(bundle), "threads": threads, "shared_prefix": case.to_dict()})
@@ -183,12 +208,15 @@ def bench_cmd(bundle, memory_budget, max_context, backend, threads, prompt_token
         raise click.BadParameter("give comma-separated whole numbers, e.g. 32,512", param_hint="--prompt-tokens")
     if not lengths or min(lengths) < 1:
         raise click.BadParameter("give comma-separated whole numbers >= 1, e.g. 32,512", param_hint="--prompt-tokens")
-    model = _load(bundle, memory_budget, max_context, backend, threads)
+    model = _load(bundle, memory_budget, max_context, backend, threads, kw)
     cases = bench(model, lengths, new_tokens, runs, ignore_eos=ignore_eos)
     if as_json:
         echo_json({"bundle": str(bundle), "threads": threads, "cases": [c.to_dict() for c in cases]})
         return
-    click.echo(f"{'prompt':>7} {'new':>5} {'ttft ms':>9} {'±':>6} {'decode tok/s':>13} {'±':>6} {'peak RSS MiB':>13}")
+    spec = model.speculative is not None
+    click.echo(f"{'prompt':>7} {'new':>5} {'ttft ms':>9} {'±':>6} {'decode tok/s':>13} {'±':>6} {'peak RSS MiB':>13}"
+               + (f" {'accepted':>9}" if spec else ""))
     for c in cases:
         click.echo(f"{c.prompt_tokens:>7} {c.generated:>5} {c.ttft_ms:>9.1f} {c.ttft_ms_spread:>6.1f} "
-                   f"{c.decode_tok_s:>13.1f} {c.decode_tok_s_spread:>6.1f} {c.peak_rss_mib:>13.0f}")
+                   f"{c.decode_tok_s:>13.1f} {c.decode_tok_s_spread:>6.1f} {c.peak_rss_mib:>13.0f}"
+                   + (f" {c.acceptance_rate:>9.1%}" if spec else ""))

@@ -9,6 +9,7 @@ import click
 
 from ..errors import UserInputError
 from . import cli
+from .run_cmd import speculation, speculative_options
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -79,11 +80,13 @@ def _check_key(key: str) -> str:
               help="On SIGTERM or Ctrl+C, seconds the running generation may go on before it is cancelled.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(LOG_LEVELS),
               help="Server log verbosity (info logs one line per request).")
+@speculative_options
 @click.pass_context
 def serve_cmd(ctx: click.Context, bundle: str, host: str, port: int, api_key: str | None, api_key_file: str | None,
               max_queue: int, max_body: str, max_context: int | None, memory_budget: str | None, threads: int | None,
               backend: str, model_name: str | None, thinking_budget: int | None, shutdown_timeout: float,
-              log_level: str, no_prefix_reuse: bool, tool_choice: str) -> None:
+              log_level: str, no_prefix_reuse: bool, tool_choice: str, speculative: str | None, draft_tokens: int,
+              ngram: int) -> None:
     """Serve BUNDLE over OpenAI's chat-completions API (POST /v1/chat/completions, GET /v1/models,
     GET /health, GET /metrics). One generation runs at a time; R1 reasoning comes back as
     reasoning_content. Stops cleanly on SIGTERM or Ctrl+C."""
@@ -115,5 +118,6 @@ def serve_cmd(ctx: click.Context, bundle: str, host: str, port: int, api_key: st
     serve(bundle, host, port, api_key=key, max_queue=max_queue, max_context=max_context, memory_budget=budget,
           threads=threads, backend=backend, model_name=model_name, thinking_budget=thinking_budget,
           tool_choice=tool_choice, shutdown_timeout=shutdown_timeout, max_body_bytes=body,
-          prefix_reuse=not no_prefix_reuse, log_level=log_level, on_listening=listening, on_ready=ready)
+          prefix_reuse=not no_prefix_reuse, speculative=speculation(speculative, draft_tokens, ngram),
+          log_level=log_level, on_listening=listening, on_ready=ready)
     click.echo("edgekit serve: stopped", err=True)

@@ -2,7 +2,8 @@
 
 Graph contract (``B`` = batch, ``S`` = new tokens this step, ``P`` = tokens already in the cache,
 ``C`` = KV capacity (the runtime's max_context), ``L`` = layers, ``Hkv`` = KV heads, ``D`` = head_dim,
-``V`` = vocab; ``N`` = 1 when logits are "last", else S; float = the precision's float type)
+``V`` = vocab; ``N`` = 1 when logits are "last" (``ort``: ``logits_rows``, default 1), else S; float = the
+precision's float type)
 
 dialect ``ort`` (onnxruntime CPU/CUDA; contrib ops, in-place KV cache)::
 
@@ -10,6 +11,9 @@ dialect ``ort`` (onnxruntime CPU/CUDA; contrib ops, in-place KV cache)::
            seqlens_k              int32  (B,)        P + S - 1 (index of the last valid position)
            total_sequence_length  int32  (1,)        P + S
            past_key_{i}           float  (B, Hkv, C, D)   i = 0 .. L-1, likewise past_value_{i}
+           logits_rows            int64  (1,)        "last" graphs only, optional: N, 1 <= N <= S; its default
+                                                     (an initializer of the same name) is 1. Speculative
+                                                     decoding feeds S to verify S tokens in one run.
   outputs  logits                 float32 (B, N, V)
            present_key_{i}        float  (B, Hkv, C, D)   the SAME buffer as past_key_{i}
            present_value_{i}      float  (B, Hkv, C, D)
@@ -50,6 +54,9 @@ from .rope import rope_tables
 DIALECTS = ("ort", "tensorrt")
 FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 _NEG = -1e9  # masked attention score; finite so that a fully masked row cannot produce NaN
+# Changes with the graph contract within one edgekit version (the export cache's key): 2 = ort "last" graphs
+# take logits_rows (speculative decoding's verify step)
+GRAPH_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -351,19 +358,29 @@ class DecoderWriter:
 
     # ----- LM head ----------------------------------------------------------------------------
     def lm_head(self, normed: str, ids: str) -> None:
-        #   normed (B,S,hidden) ─[Slice last]─> (B,N,hidden) ─Reshape─> (B*N,hidden) ─head─> (B*N,V) ─> logits
+        #   normed (B,S,hidden) ─[Slice last N]─> (B,N,hidden) ─Reshape─> (B*N,hidden) ─head─> (B*N,V) ─> logits
         b, spec = self.b, self.spec
-        if self.opts.logits == "last":
+        rows = None
+        if self.opts.logits == "last" and self.opts.dialect == "ort":
+            # N = logits_rows, an input that defaults to 1: decoding and prefill never feed it, a speculative
+            # verify step feeds its token count and gets every drafted position's logits from the same run.
+            rows = b.input("logits_rows", TensorProto.INT64, [1], default=np.array([1], np.int64))
+            start = b.op("Neg", rows, name="lm_head/RowsStart")
+            normed = b.op("Slice", normed, start, b.const([2**62]), b.const([1]), name="lm_head/Last")
+        elif self.opts.logits == "last":
             normed = b.op("Slice", normed, b.const([-1]), b.const([2**62]), b.const([1]), name="lm_head/Last")
         flat = b.op("Reshape", normed, b.const([-1, spec.hidden_size]), name="lm_head/Flatten")
         tied = spec.tie_word_embeddings
         logits = self.codec.lm_head(b, flat, self.lazy("embed.weight" if tied else "lm_head.weight"), tied)
         if self.onnx_dtype != TensorProto.FLOAT:
             logits = b.op("Cast", logits, to=TensorProto.FLOAT, name="lm_head/Cast")
-        if self.opts.logits == "last":
+        if rows is not None:
+            shape = b.op("Concat", b.const([-1]), rows, b.const([spec.vocab_size]), axis=0, name="lm_head/Shape")
+        elif self.opts.logits == "last":
             shape = b.const([-1, 1, spec.vocab_size])
         else:
             shape = b.op("Concat", b.op("Shape", ids, name="lm_head/IdsShape"), b.const([spec.vocab_size]), axis=0,
                          name="lm_head/Shape")
         b.op("Reshape", logits, shape, outputs=["logits"], name="lm_head/Unflatten")
-        b.output("logits", TensorProto.FLOAT, ["batch", "seq" if self.opts.logits == "all" else 1, spec.vocab_size])
+        n = "seq" if self.opts.logits == "all" else "logits_rows" if rows is not None else 1
+        b.output("logits", TensorProto.FLOAT, ["batch", n, spec.vocab_size])

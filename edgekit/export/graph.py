@@ -56,8 +56,12 @@ class GraphBuilder:
         return f"{base}_{next(self._counter)}"
 
     # ----- graph I/O --------------------------------------------------------------------------
-    def input(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:
+    def input(self, name: str, elem_type: int, shape: Sequence[int | str], default: np.ndarray | None = None) -> str:
+        """A graph input; with ``default`` also an initializer of that name, which a caller may override by
+        feeding the input (ONNX IR >= 4) and which onnxruntime therefore never constant-folds."""
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        if default is not None:
+            self.initializers.append(numpy_helper.from_array(np.asarray(default), name))
         return name
 
     def output(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:

@@ -18,6 +18,7 @@ from .answer_format import AnswerFormat
 from .prefix import prefill_bounds, reuse as prefix_reuse
 from .reasoning import FORCED_CLOSE, ReasoningSplitter, StopMatcher
 from .sampling import Sampler, SamplingParams
+from .speculative import SpeculativeDecoder
 
 
 @dataclass
@@ -35,6 +36,8 @@ class GenerationResult:
     thinking_budget_hit: bool = False
     cached_tokens: int = 0         # prompt tokens whose KV rows were kept from the previous request (not prefilled)
     format_complete: bool | None = None   # with an answer_format: the answer is a whole sentence of it; else None
+    drafted: int = 0               # speculative decoding: tokens drafted and checked by verify steps
+    accepted: int = 0              # ... of which the model chose (each one a token without a model call)
     tokens: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -42,7 +45,13 @@ class GenerationResult:
         d["ttft_ms"] = round(self.ttft_ms, 2)
         d["decode_tok_s"] = round(self.decode_tok_s, 2)
         d["total_ms"] = round(self.total_ms, 2)
+        d["acceptance_rate"] = round(self.acceptance_rate, 4)
         return d
+
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted / drafted (0 without speculative decoding)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
 
 
 @dataclass(frozen=True)
@@ -66,12 +75,17 @@ class GenerationRequest:
 
 def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_ids: set[int],
         cancel: threading.Event | None = None, started: float | None = None, reuse: bool = False,
-        ) -> Iterator[Event]:
+        speculative=None, drafter=None) -> Iterator[Event]:
     """Generate for one request on ``decoder``. Yields Events, the last one "done".
 
     The decoder is reset first, or with ``reuse`` keeps the cache rows whose token ids start the prompt and
-    prefills only the rest (:mod:`edgekit.runtime.prefix`)."""
+    prefills only the rest (:mod:`edgekit.runtime.prefix`). ``speculative`` (a Speculation) with ``drafter``
+    verifies drafted tokens several per model call (:mod:`edgekit.runtime.speculative`); a constrained answer
+    format never drafts."""
     t0 = started if started is not None else time.perf_counter()
+    spec_decoder = None
+    if speculative is not None and drafter is not None and getattr(request, "answer_format", None) is None:
+        decoder = spec_decoder = SpeculativeDecoder(decoder, drafter, speculative)
     ids = request.prompt_ids
     capacity = decoder.capacity
     if not ids:
@@ -162,6 +176,8 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
             break
         logits = decoder.step(np.asarray([token], dtype=np.int64))
 
+    if spec_decoder is not None:
+        spec_decoder.settle()    # the cache holds the prompt and the tokens stepped, as without speculation
     if finish != "stop":
         tail = stopper.finish()
         text_parts.append(tail)
@@ -176,5 +192,6 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
         prompt_tokens=len(ids), completion_tokens=n, finish_reason=finish,
         ttft_ms=((t_first or t_end) - t0) * 1000, decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
         total_ms=(t_end - t0) * 1000, reasoning_tokens=reasoning_tokens, thinking_budget_hit=budget_hit,
-        tokens=tokens, cached_tokens=kept, format_complete=None if guide is None else guide.complete)
+        tokens=tokens, cached_tokens=kept, format_complete=None if guide is None else guide.complete,
+        drafted=spec_decoder.drafted if spec_decoder else 0, accepted=spec_decoder.accepted if spec_decoder else 0)
     yield Event("done", result=result)

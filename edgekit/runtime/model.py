@@ -16,6 +16,7 @@ from .memory import check_budget, graph_memory, rotary_rows
 from .onnx_refs import read_graph
 from .reasoning import prompt_opens_thinking
 from .sampling import SamplingParams
+from .speculative import Speculation, check_draft, make_drafter
 from .text import TextCodec
 
 ORT_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda")
@@ -34,7 +35,7 @@ class Model:
     """A loaded bundle. One generation runs at a time (the device holds one KV cache); calls are serialised."""
 
     def __init__(self, manifest, decoder, codec: TextCodec, max_context: int, memory_need, *,
-                 prefix_reuse: bool = True):
+                 prefix_reuse: bool = True, speculative: Speculation | None = None, draft=None):
         self.manifest = manifest
         self.spec = decoder.spec
         self.decoder = decoder
@@ -47,6 +48,9 @@ class Model:
         # Keep the KV rows of the last sequence and prefill only from the first differing token id (a settable
         # attribute: False prefills every prompt from scratch).
         self.prefix_reuse = prefix_reuse
+        # Speculative decoding (off: None); ``draft`` is the draft bundle's Model when it drafts with one.
+        self.speculative = speculative
+        self.draft = draft
         self._lock = threading.Lock()
 
     # ----- prompt handling ----------------------------------------------------------------------
@@ -114,7 +118,13 @@ class Model:
         req = self.request(prompt, **kw)
         with self._lock:
             yield from run(self.decoder, self.codec, req, prefill_chunk=self.prefill_chunk, eos_ids=self.eos_ids,
-                           cancel=cancel, started=started, reuse=self.prefix_reuse)
+                           cancel=cancel, started=started, reuse=self.prefix_reuse, **self.speculation())
+
+    def speculation(self) -> dict:
+        """The ``run`` arguments for speculative decoding as configured (a fresh drafter per request)."""
+        if self.speculative is None:
+            return {}
+        return {"speculative": self.speculative, "drafter": make_drafter(self.speculative, self.draft)}
 
     def generate(self, prompt: str | None = None, **kw) -> GenerationResult:
         for event in self.stream(prompt, **kw):
@@ -142,11 +152,13 @@ class Model:
         close = getattr(decoder, "close", None)
         if close is not None:
             close()
+        if self.draft is not None:
+            self.draft.close()
 
 
 def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: int | str | None = None,
          backend: str = "auto", threads: int | None = None, verify_weights: bool = False,
-         prefix_reuse: bool = True) -> Model:
+         prefix_reuse: bool = True, speculative=None) -> Model:
     """Load a bundle, checking it and the memory budget before anything is allocated.
 
     - The manifest is validated and every file's size checked; small files (graph, tokenizer, template) are
@@ -157,6 +169,10 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     - ``backend``: "auto" (the bundle's), "onnxruntime-cpu", "onnxruntime-cuda" or "tensorrt".
     - ``prefix_reuse`` (default on): a request whose prompt token ids start like the previous sequence (prompt
       and generated tokens) keeps those KV rows and prefills only the rest; ``result.cached_tokens`` says how many.
+    - ``speculative`` (default off): "ngram" drafts by prompt lookup, a path drafts with that bundle (same
+      tokenizer, loaded with this max_context/backend/threads), or a :class:`Speculation` with its settings; the
+      model checks each draft in one step (:mod:`edgekit.runtime.speculative`, which says when greedy output is
+      identical to plain decoding). ``result.drafted``/``accepted`` count the drafts.
     Raises BundleError, BudgetExceeded, BackendUnavailable; never exits, never touches the network.
     """
     manifest = read_manifest(bundle)
@@ -196,11 +212,37 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     if chosen == "tensorrt":   # probes the GPU and checks the engine before TensorRT is imported
         from .trt_backend import open_engine_decoder
 
-        return Model(manifest, open_engine_decoder(manifest, capacity=context), codec, context, need,
-                     prefix_reuse=prefix_reuse)
+        model = Model(manifest, open_engine_decoder(manifest, capacity=context), codec, context, need,
+                      prefix_reuse=prefix_reuse)
+        _speculate(model, Speculation.of(speculative), bundle=bundle)    # raises: TensorRT cannot verify yet
+        return model
     from .ort_backend import OrtDecoder
 
     decoder = OrtDecoder(str(graph_path), dialect=manifest.dialect, spec=manifest.spec(),
                          capacity=context, kv_dtype=manifest.graph.get("kv_dtype", "float32"), backend=chosen,
                          threads=threads)
-    return Model(manifest, decoder, codec, context, need, prefix_reuse=prefix_reuse)
+    model = Model(manifest, decoder, codec, context, need, prefix_reuse=prefix_reuse)
+    _speculate(model, Speculation.of(speculative), bundle=bundle, backend=backend, threads=threads,
+               memory_budget=memory_budget)
+    return model
+
+
+def _speculate(model: Model, spec: Speculation | None, **load_kw) -> None:
+    """Set up speculative decoding on a loaded model (raises before the model is returned)."""
+    if spec is None:
+        return
+    if not getattr(model.decoder, "can_verify", False):
+        raise BundleError(f"bundle {load_kw['bundle']} cannot verify drafts (its graph returns the last token's "
+                          "logits only: built by an older edgekit, or for TensorRT): rebuild it with this edgekit, "
+                          "or load it without speculative")
+    if spec.draft != "ngram":
+        draft = spec.draft
+        if not isinstance(draft, Model):
+            try:
+                draft = load(draft, max_context=model.max_context, backend=load_kw["backend"],
+                             threads=load_kw["threads"], memory_budget=load_kw["memory_budget"], prefix_reuse=False)
+            except GenerationError as e:   # its max_context is smaller than the model's
+                raise BundleError(f"draft bundle {spec.draft}: {e}") from None
+        check_draft(model, draft)
+        model.draft = draft
+    model.speculative = spec

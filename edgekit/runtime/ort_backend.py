@@ -70,9 +70,17 @@ class OrtDecoder(TokenRows):
             self.cache = {f"{kind}_{i}": ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device)
                           for i in range(L) for kind in ("key", "value")}
             logits_shape = next(o.shape for o in self.session.get_outputs() if o.name == "logits")
-            # A "last" graph has a fixed (1, 1, V) output that can be preallocated; an "all" one (tests, eval) cannot.
+            # "last" graphs by this edgekit take logits_rows (default 1): the logits of the last N tokens
+            # (an input with a default is listed by get_overridable_initializers, not get_inputs)
+            self.rows_input = any(i.name == "logits_rows" for i in
+                                  (*self.session.get_inputs(), *self.session.get_overridable_initializers()))
+            # A "last" graph has a (1, 1, V) output per step that can be preallocated; an "all" one (tests, eval)
+            # cannot, nor a verify step's (1, N, V).
             self.logits = (ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab), np.float32, self.device)
-                           if logits_shape[1] == 1 else None)
+                           if logits_shape[1] == 1 or self.rows_input else None)
+            self.all_logits = self.logits is None
+            # IO binding finds an input with a default only as an OrtValue (bind_cpu_input refuses the name)
+            self._one_row = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
             self._seqlens = np.zeros(1, np.int32)
             self._total = np.zeros(1, np.int32)
             self.binding = self.session.io_binding()
@@ -81,10 +89,19 @@ class OrtDecoder(TokenRows):
                 self.binding.bind_ortvalue_output(f"present_{name}", value)
             if self.logits is not None:
                 self.binding.bind_ortvalue_output("logits", self.logits)
+            if self.rows_input:
+                self.binding.bind_ortvalue_input("logits_rows", self._one_row)
         else:
             shape = (1, capacity, Hkv, D)                                  # (batch, capacity, kv_heads, head_dim)
             self.cache = {f"{kind}_{i}": np.zeros(shape, self.dtype) for i in range(L) for kind in ("key", "value")}
             self._out_names = [o.name for o in self.session.get_outputs()]
+            self.rows_input = False
+            self.all_logits = next(o.shape for o in self.session.get_outputs() if o.name == "logits")[1] != 1
+
+    @property
+    def can_verify(self) -> bool:
+        """Whether one step can return the logits of every token it appends (speculative decoding's verify)."""
+        return self.rows_input or self.all_logits
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -96,15 +113,33 @@ class OrtDecoder(TokenRows):
         """Append ``tokens`` (int64, (S,)) to the cache and return the logits of the last one, (V,) float32."""
         return self._tracked(tokens, self._run)[-1]
 
-    def step_all(self, tokens: np.ndarray) -> np.ndarray:
-        """Like ``step``, for a graph exported with logits="all": the logits of every new token, (S, V) float32."""
-        logits = self._tracked(tokens, self._run)
+    def step_all(self, tokens: np.ndarray, *, prefill: bool = True) -> np.ndarray:
+        """Like ``step``, but the logits of every new token, (S, V) float32: a graph exported with logits="all",
+        or a "last" graph with the logits_rows input. ``prefill=False`` (a speculative verify step) does not
+        count the rows as prefill rows for prefix reuse."""
+        if not self.can_verify:
+            raise GenerationError("this graph returns the logits of the last token only (built by an older "
+                                  "edgekit, or the tensorrt dialect): rebuild the bundle, or export it with "
+                                  "logits='all'")
+        logits = self._tracked(tokens, self._run_all if self.rows_input else self._run, prefill=prefill)
         if logits.shape[0] != tokens.shape[0]:
             raise GenerationError("this graph returns the logits of the last token only: export it with "
                                   "logits='all' for step_all")
         return logits
 
-    def _run(self, tokens: np.ndarray) -> np.ndarray:
+    def _run_all(self, tokens: np.ndarray) -> np.ndarray:
+        """A run of a logits_rows graph that returns the logits of every token: (S, V), freshly allocated."""
+        rows = np.array([tokens.shape[0]], np.int64)   # alive until the run ends: the OrtValue reads it
+        self.binding.bind_ortvalue_input("logits_rows", self._ort.OrtValue.ortvalue_from_numpy(rows))
+        self.binding.bind_output("logits", self.device)
+        try:
+            # a copy: the array onnxruntime allocated goes with the binding's next output
+            return np.array(self._run(tokens, preallocated=False), copy=True)
+        finally:   # back to the decode path's binding: one row into the preallocated buffer
+            self.binding.bind_ortvalue_input("logits_rows", self._one_row)
+            self.binding.bind_ortvalue_output("logits", self.logits)
+
+    def _run(self, tokens: np.ndarray, preallocated: bool = True) -> np.ndarray:
         """One graph run; the logits it returns, (S, V) or (1, V) for a "last" graph."""
         s = int(tokens.shape[0])
         if self.position + s > self.capacity:
@@ -120,7 +155,7 @@ class OrtDecoder(TokenRows):
             if self.logits is None:  # its shape changes with S: let onnxruntime allocate it afresh
                 self.binding.bind_output("logits", self.device)
             self.session.run_with_iobinding(self.binding)
-            if self.logits is not None:
+            if self.logits is not None and preallocated:
                 logits = self.logits.numpy()[0]  # a view on CPU: valid until the next step
             else:
                 logits = self.binding.get_outputs()[-1].numpy()[0]

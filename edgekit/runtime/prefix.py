@@ -54,7 +54,10 @@ class TokenRows:
         self.prefilled = min(self.prefilled, n)
         del self.cached[n:]
 
-    def _tracked(self, tokens: np.ndarray, run: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    def _tracked(self, tokens: np.ndarray, run: Callable[[np.ndarray], np.ndarray], *,
+                 prefill: bool = True) -> np.ndarray:
+        """Run a step and record its token ids; ``prefill=False``: a multi-token step that is not a prefill
+        (speculative decoding's verify step) and does not extend the prefill rows."""
         start = self.position
         try:
             logits = run(tokens)
@@ -62,7 +65,7 @@ class TokenRows:
             self.reset()
             raise
         self.cached.extend(int(t) for t in tokens)
-        if len(tokens) > 1 and self.prefilled == start:
+        if prefill and len(tokens) > 1 and self.prefilled == start:
             self.prefilled = self.position
         return logits
 

@@ -70,7 +70,7 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
           threads: int | None = None, backend: str = "auto", model_name: str | None = None,
           thinking_budget: int | None = None, tool_choice: str = "auto", shutdown_timeout: float = 10.0,
           log_level: str = "info",
-          max_body_bytes: int | None = None, prefix_reuse: bool = True,
+          max_body_bytes: int | None = None, prefix_reuse: bool = True, speculative=None,
           on_listening: Callable[[str], None] | None = None,
           on_ready: Callable[[str, str, int], None] | None = None) -> None:
     """Serve ``bundle`` on host:port until SIGTERM or SIGINT, then stop gracefully.
@@ -81,7 +81,8 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
     accepting, refuses waiting requests (503), lets the running generation finish for ``shutdown_timeout``
     seconds, cancels it after that, and returns. ``thinking_budget`` caps R1's thought for requests that do
     not send their own; ``tool_choice`` is the choice for requests with tools and none of their own.
-    ``prefix_reuse`` keeps the KV rows a request shares with the previous one (see ``edgekit.runtime.load``).
+    ``prefix_reuse`` keeps the KV rows a request shares with the previous one (see ``edgekit.runtime.load``), as does
+    ``speculative`` (off by default).
     ``max_body_bytes`` caps a request body (413 beyond; default 8 MiB). Load errors (BundleError,
     BudgetExceeded, ...) are raised after the port is closed again.
     """
@@ -110,7 +111,7 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
 
     def load_model():
         return load(bundle, max_context=max_context, memory_budget=memory_budget, backend=backend, threads=threads,
-                    prefix_reuse=prefix_reuse)
+                    prefix_reuse=prefix_reuse, speculative=speculative)
 
     def ready(state) -> None:
         if on_ready is not None:

@@ -103,6 +103,8 @@ class Job:
             m.prefilled_tokens.inc(by=result.prompt_tokens - result.cached_tokens)
             m.completion_tokens.inc(by=result.completion_tokens)
             m.reasoning_tokens.inc(by=result.reasoning_tokens)
+            m.draft_tokens.inc(by=result.drafted)
+            m.accepted_tokens.inc(by=result.accepted)
             if result.completion_tokens:
                 m.ttft.observe(self.began - self.admitted + result.ttft_ms / 1000)
             if result.completion_tokens > 1:

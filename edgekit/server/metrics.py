@@ -116,6 +116,10 @@ class ServerMetrics:
         self.completion_tokens = Counter("edgekit_completion_tokens_total",
                                          "Tokens generated (reasoning and answer).")
         self.reasoning_tokens = Counter("edgekit_reasoning_tokens_total", "Tokens generated inside <think>.")
+        self.draft_tokens = Counter("edgekit_speculative_drafted_tokens_total",
+                                    "Speculative decoding: drafted tokens checked by verify steps.")
+        self.accepted_tokens = Counter("edgekit_speculative_accepted_tokens_total",
+                                       "Speculative decoding: drafted tokens the model chose (no model call).")
         self.ttft = Histogram("edgekit_time_to_first_token_seconds",
                               "Request admitted -> first token chosen (queue wait + tokenize + prefill).",
                               (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
@@ -136,7 +140,7 @@ class ServerMetrics:
                                   "Memory the loaded bundle was planned to need (weights + KV cache + workspace).")
         self._all = (self.requests, self.completions, self.prompt_tokens, self.cached_tokens, self.prefilled_tokens,
                      self.completion_tokens,
-                     self.reasoning_tokens, self.ttft, self.queue_wait, self.decode_speed, self.duration,
+                     self.reasoning_tokens, self.draft_tokens, self.accepted_tokens, self.ttft, self.queue_wait, self.decode_speed, self.duration,
                      self.queue_depth, self.queue_capacity, self.active, self.loaded, self.context,
                      self.model_memory)
 
