@@ -60,24 +60,27 @@ def weight_bytes_per_token(graph_path: Path, spec, filled: int, kv_itemsize: int
     return dict(out)
 
 
-def parse_profile(path: str, windows: list[tuple[int, int]]) -> list[dict[str, float]]:
+def parse_profile(path: str, windows: list[tuple[int, int]]) -> list[tuple[dict[str, float], dict[str, float]]]:
     """For each (first run, number of runs) window of the trace's model runs (in order): milliseconds per run
-    by op type, and "(whole run)"."""
+    by op type (with "(whole run)"), and by node name with layer numbers replaced by *."""
     events = json.loads(Path(path).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session"
                   and e.get("name") == "model_run")
-    nodes = sorted((e["ts"], e["dur"], e.get("args", {}).get("op_name", "?")) for e in events
-                   if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"))
+    nodes = sorted((e["ts"], e["dur"], e.get("args", {}).get("op_name", "?"), e["name"][:-len("_kernel_time")])
+                   for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"))
     out = []
     for first, count in windows:
         span = runs[first:first + count]
         lo, hi = span[0][0], span[-1][1]
         per_op: dict[str, float] = collections.Counter()
-        for ts, dur, op in nodes:
+        per_node: dict[str, float] = collections.Counter()
+        for ts, dur, op, name in nodes:
             if lo <= ts <= hi:
                 per_op[op] += dur / 1000 / count
+                # layer nodes summed over layers: "layers.*.gate_up/MatMulNBits"
+                per_node[".".join("*" if p.isdigit() else p for p in name.split("."))] += dur / 1000 / count
         per_op["(whole run)"] = sum(b - a for a, b in span) / 1000 / count
-        out.append(dict(per_op))
+        out.append((dict(per_op), dict(per_node)))
     return out
 
 
@@ -102,6 +105,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per filled length [default: 32]")
     ap.add_argument("--bandwidth", type=float, default=34.0, help="machine read GB/s for the fraction [34]")
     ap.add_argument("--kv-dtype", default=None, help="load with this KV cache dtype (e.g. int8) if the bundle has it")
+    ap.add_argument("--top", type=int, default=8, help="nodes (summed over layers) listed by time [8]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -140,8 +144,9 @@ def main() -> None:
         windows.append((done + prefill_runs, args.tokens))
         done += prefill_runs + args.tokens
     trace = prof.session.end_profiling()
-    for row, ms in zip(rows, parse_profile(trace, windows)):
+    for row, (ms, by_node) in zip(rows, parse_profile(trace, windows)):
         row["ms_per_op"] = ms
+        row["ms_per_node"] = dict(sorted(by_node.items(), key=lambda kv: -kv[1])[:args.top])
         row["bytes"] = weight_bytes_per_token(graph, spec, row["filled"], kv_itemsize)
         total = sum(row["bytes"].values())
         row["bytes_per_token"] = total
@@ -166,6 +171,9 @@ def main() -> None:
             b = row["bytes"].get(op, 0) + row["bytes"].get(op + " (offsets)", 0)
             gbs = f"{b / ms / 1e6:6.1f}" if b and ms else "     -"
             print(f"  {op:<34} {ms:9.3f} {ms / whole if whole else 0:6.1%} {b / 2**20:10.1f} {gbs}")
+        print(f"  {'nodes (all layers)':<34} {'ms/token':>9} {'share':>6}")
+        for name, ms in row["ms_per_node"].items():
+            print(f"  {name[:34]:<34} {ms:9.3f} {ms / whole if whole else 0:6.1%}")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,16 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import _build
-
 EDGEKIT = [sys.executable, "-m", "edgekit.cli"]
 
 
 @pytest.fixture(scope="module")
 def int8_kv_bundle(tiny_qwen2_dir, tmp_path_factory):
-    from edgekit.build import QuantOptions
+    from edgekit.build import QuantOptions, build
+    from edgekit.target import load_target
 
-    return _build(tiny_qwen2_dir, tmp_path_factory.mktemp("bundles") / "tiny-int8kv", context=256, precision="fp32",
-                  quant=QuantOptions(kv_cache="int8"))
+    return build(tiny_qwen2_dir, load_target("cpu"), output=tmp_path_factory.mktemp("bundles") / "tiny-int8kv",
+                 context=256, precision="fp32", quant=QuantOptions(kv_cache="int8")).bundle
 
 
 def test_int8_kv_graph_manifest_and_plan_agree(int8_kv_bundle):
