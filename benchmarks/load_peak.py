@@ -54,7 +54,7 @@ def child(kind: str, model: str, threads: int, out: str | None) -> None:
         o.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         o.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
     t0 = time.perf_counter()
-    ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])  # noqa: F841 (kept alive)
     seconds = time.perf_counter() - t0
     loaded = _status()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
