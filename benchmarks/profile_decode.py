@@ -2,9 +2,10 @@
 
     python benchmarks/profile_decode.py BUNDLE [--threads 2] [--filled 64,1024] [--tokens 32] [--json]
 
-For each filled length F it prefills F tokens (random ids, chunks of the bundle's prefill size), then times
---tokens one-token decode steps twice: once plain (tok/s) and once with onnxruntime's profiler on (per-node
-kernel times, summed by op type and divided by the number of steps). Everything runs through
+For each filled length F it prefills F tokens (random ids, chunks of the bundle's prefill size) once, then
+times --tokens one-token decode steps from those F rows (three times, median: tok/s), and once more in a
+second session with onnxruntime's profiler on (per-node kernel times, summed by op type and divided by the
+number of steps). Everything runs through
 ``edgekit.runtime``'s own decoder (``OrtDecoder``: same session options, same I/O binding).
 
 Bytes read per token are counted from the graph, as the CPU kernels hold the weights after load:
@@ -84,14 +85,19 @@ def parse_profile(path: str, windows: list[tuple[int, int]]) -> list[tuple[dict[
     return out
 
 
-def decode_steps(decoder, filled: int, tokens: int, chunk: int, rng) -> float:
-    """Prefill ``filled`` random ids, then time ``tokens`` greedy one-token steps; tok/s."""
+def prefill(decoder, filled: int, chunk: int, rng) -> int:
+    """Fill the cache with ``filled`` random ids; the greedy next token."""
     decoder.reset()
     ids = rng.integers(0, decoder.vocab, filled)
     for a in range(0, filled, chunk):
         logits = decoder.step(ids[a:a + chunk])
-    nxt = int(np.argmax(logits))
-    t0 = time.perf_counter()
+    return int(np.argmax(logits))
+
+
+def decode_steps(decoder, filled: int, first: int, tokens: int) -> float:
+    """Keep the first ``filled`` rows, then time ``tokens`` greedy one-token steps; tok/s."""
+    decoder.keep(filled)
+    nxt, t0 = first, time.perf_counter()
     for _ in range(tokens):
         nxt = int(np.argmax(decoder.step(np.array([nxt], np.int64))))
     return tokens / (time.perf_counter() - t0)
@@ -122,12 +128,13 @@ def main() -> None:
     dec = model.decoder
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    decode_steps(dec, 8, 2, model.prefill_chunk, rng)          # warm-up: first-run allocations
+    decode_steps(dec, 8, prefill(dec, 8, model.prefill_chunk, rng), 2)     # warm-up: first-run allocations
     warm_s = time.perf_counter() - t0
 
     rows = []
     for f in filled:
-        tps = statistics.median(decode_steps(dec, f, args.tokens, model.prefill_chunk, rng) for _ in range(3))
+        first = prefill(dec, f, model.prefill_chunk, rng)          # once per length; each run keeps its f rows
+        tps = statistics.median(decode_steps(dec, f, first, args.tokens) for _ in range(3))
         rows.append({"filled": f, "tok_s": tps})
     kv_dtype, kv_itemsize, chunk = dec.kv_dtype_name, np.dtype(dec.dtype).itemsize, model.prefill_chunk
     del model, dec, kw          # one session at a time: a 7B holds ~8 GB
@@ -139,7 +146,7 @@ def main() -> None:
                       threads=args.threads, profile_prefix=os.path.join(tempfile.mkdtemp(), "decode"))
     windows, done = [], 0
     for row in rows:            # profiling slows a run: timed above without it, profiled here once per length
-        decode_steps(prof, row["filled"], args.tokens, chunk, rng)
+        decode_steps(prof, row["filled"], prefill(prof, row["filled"], chunk, rng), args.tokens)
         prefill_runs = -(-row["filled"] // chunk)
         windows.append((done + prefill_runs, args.tokens))
         done += prefill_runs + args.tokens
