@@ -39,7 +39,12 @@ sys.path.insert(0, str(HERE))
 from peers_report import chart, table, targets  # noqa: E402  (the printed table and the targets)
 
 PROMPT_TOKENS, NEW_TOKENS, CONTEXT = 41, 128, 1024
-MODELS = {"smollm2": "SmolLM2-135M-Instruct", "r1-1.5b": "R1-Distill-Qwen-1.5B-shaped (random weights)"}
+MODELS = {"smollm2": "SmolLM2-135M-Instruct", "r1-1.5b": "R1-Distill-Qwen-1.5B-shaped (random weights)",
+          "r1-1.5b-q4km": "R1-Distill-Qwen-1.5B-shaped, Q4_K_M GGUF (llama.cpp's quantize of the F16 GGUF)",
+          "r1-7b": "R1-Distill-Qwen-7B Q4_K_M layout (real header, random valid blocks)"}
+# Models whose source is one GGUF file that both edgekit (exact blocks) and llama.cpp (as is) run
+GGUF_MODELS = ("r1-1.5b-q4km", "r1-7b")
+NEW_TOKENS_OF = {"r1-7b": 32}      # ~4 tok/s: 32 tokens per run, as in issue 15's table
 PEERS = {"llama.cpp": ("llama_cpp", "pip install llama-cpp-python  (builds from source, ~7 min on 2 cores)"),
          "onnxruntime-genai": ("onnxruntime_genai", "pip install 'onnxruntime-genai==0.18.*' onnx-ir")}
 GENAI_BUILDER_GIB = {"smollm2": 2, "r1-1.5b": 15}   # its builder's peak RSS on the 1.5B shape: 12.8-16.7 GiB measured
@@ -373,14 +378,28 @@ def prepare(model: str, args, work: Path) -> tuple[list[dict], dict, dict[str, s
     skipped: dict[str, str] = {}
     if model == "smollm2":
         source = str(packaged_model_path("smollm2"))
+    elif model == "r1-7b":
+        from r1_7b import prepare as prepare_7b
+
+        source = str(args.r1_7b_gguf if args.r1_7b_gguf else prepare_7b(d / "DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf"))
+    elif model == "r1-1.5b-q4km":
+        if available("llama.cpp", set()):
+            raise RuntimeError("the Q4_K_M file is llama.cpp's own quantization: install llama-cpp-python")
+        shared = work / "r1-1.5b"            # the same random model and F16 GGUF as the r1-1.5b rows
+        shared.mkdir(parents=True, exist_ok=True)
+        hf = shared / "hf"
+        _ensure(shared / "hf.done", "writing the R1-shaped random model (about 1 minute)",
+                lambda: _make_hf(hf, shared))
+        f16 = shared / "f16.gguf"
+        _ensure(shared / "f16.gguf.done", "writing the F16 GGUF for llama.cpp",
+                lambda: worker("gguf-f16", {"src": str(hf), "dst": str(f16)}, shared / "logs" / "gguf-f16.log"))
+        source = str(d / "q4_k_m.gguf")
+        _ensure(d / "q4_k_m.gguf.done", "llama.cpp quantize -> Q4_K_M", lambda: worker(
+            "quantize", {"src": str(f16), "dst": source, "type": "Q4_K_M", "threads": args.threads},
+            d / "logs" / "quantize.log"))
     else:
         hf = d / "hf"
-        def make_hf():
-            code, _, sec = run_process([sys.executable, str(HERE / "make_r1_shaped.py"), str(hf)],
-                                       d / "logs" / "make_r1_shaped.log")
-            return {"seconds": sec} if code == 0 else {"error": f"exit status {code}",
-                                                       "log": str(d / "logs" / "make_r1_shaped.log")}
-        _ensure(d / "hf.done", "writing the R1-shaped random model (about 1 minute)", make_hf)
+        _ensure(d / "hf.done", "writing the R1-shaped random model (about 1 minute)", lambda: _make_hf(hf, d))
         source = str(hf)
     bundle = d / f"edgekit-{args.precision}"
     built = _ensure(d / f"edgekit-{args.precision}.done", f"edgekit build {model} --precision {args.precision}",
@@ -400,8 +419,18 @@ def prepare(model: str, args, work: Path) -> tuple[list[dict], dict, dict[str, s
     return rows, built, skipped
 
 
+def _make_hf(hf: Path, d: Path) -> dict:
+    code, _, sec = run_process([sys.executable, str(HERE / "make_r1_shaped.py"), str(hf)],
+                               d / "logs" / "make_r1_shaped.log")
+    return {"seconds": sec} if code == 0 else {"error": f"exit status {code}",
+                                               "log": str(d / "logs" / "make_r1_shaped.log")}
+
+
 def _prepare_llama(model: str, source: str, args, d: Path) -> list[dict]:
-    """llama.cpp's Q4_0 of the same weights (and, for SmolLM2, its Q4_1 GGUF as is)."""
+    """llama.cpp's Q4_0 of the same weights (and, for SmolLM2, its Q4_1 GGUF as is); for a GGUF model, the
+    same file edgekit was built from."""
+    if model in GGUF_MODELS:
+        return [{"label": "llama.cpp (same GGUF)", "peer": "llama.cpp", "path": source, "precision": "int4"}]
     q40 = d / "q4_0.gguf"
     src = source
     if model != "smollm2":
@@ -420,6 +449,8 @@ def _prepare_llama(model: str, source: str, args, d: Path) -> list[dict]:
 
 def _prepare_genai(model: str, source: str, args, d: Path) -> list[dict]:
     """onnxruntime-genai's model builder at int4 (RTN) from a Hugging Face folder."""
+    if model in GGUF_MODELS:
+        raise RuntimeError("not compared on this row: its builder needs a Hugging Face folder (see the r1-1.5b rows)")
     out, hf = d / "genai-int4", d / "hf"
     if model == "smollm2":
         _ensure(d / "hf.done", "GGUF -> Hugging Face folder (transformers) for onnxruntime-genai",
@@ -460,17 +491,50 @@ def prompt_ids(bundle: Path) -> list[int]:
     return ids[-PROMPT_TOKENS:]
 
 
+def bytes_per_token(row: dict, filled: int) -> int | None:
+    """What one decode step reads with ``filled`` tokens cached. edgekit: benchmarks/profile_decode.py's count
+    (MatMulNBits as onnxruntime repacks them, offsets, the filled float KV rows). llama.cpp: the GGUF's tensor
+    bytes (the embedding table only when it is also the output matrix) plus its fp16 KV rows. None otherwise."""
+    if row["peer"] == "edgekit":
+        from profile_decode import weight_bytes_per_token
+
+        from edgekit.runtime.bundle import read_manifest
+
+        m = read_manifest(row["path"])
+        itemsize = {"float32": 4, "float16": 2, "int8": 1}[m.graph.get("kv_dtype", "float32")]
+        return sum(weight_bytes_per_token(m.path(m.graph["file"]), m.spec(), filled, itemsize).values())
+    if row["peer"] == "llama.cpp":
+        from edgekit.sources.gguf_header import read_header
+
+        h = read_header(Path(row["path"]))
+        names = {t.name for t in h.tensors}
+        tensors = sum(t.n_bytes for t in h.tensors if t.name != "token_embd.weight" or "output.weight" not in names)
+        arch = h.value("general.architecture")
+        layers, heads = h.value(f"{arch}.block_count"), h.value(f"{arch}.attention.head_count")
+        kv_heads = h.value(f"{arch}.attention.head_count_kv") or heads
+        head_dim = h.value(f"{arch}.embedding_length") // heads
+        return tensors + 2 * layers * kv_heads * head_dim * 2 * filled
+    return None
+
+
 def bench_model(model: str, args, work: Path) -> dict:
     BUILDS.clear()
     rows, built, skipped = prepare(model, args, work)
     builds = {what: {k: r[k] for k in ("seconds", "child_peak_rss_mib") if k in r} for what, r in BUILDS.items()}
     prompt = prompt_ids(Path(rows[0]["path"]))
     runs = 1 if args.quick else 3
+    new_tokens = NEW_TOKENS_OF.get(model, NEW_TOKENS)
     for row in rows:
         log(f"{model}: speed of {row['label']} ({runs} run{'s' if runs > 1 else ''})")
         row["speed"] = worker("speed", {"peer": row["peer"], "path": row["path"], "threads": args.threads,
-                                        "prompt": prompt, "new_tokens": NEW_TOKENS, "runs": runs, "context": CONTEXT},
+                                        "prompt": prompt, "new_tokens": new_tokens, "runs": runs, "context": CONTEXT},
                               work / model / "logs" / f"speed-{slug(row['label'])}.log")
+    for row in rows:        # bytes each decode step reads, halfway through the generation: achieved GB/s
+        row["bytes_per_token"] = bytes_per_token(row, len(prompt) + new_tokens // 2)
+        s = row.get("speed", {})
+        if row["bytes_per_token"] and "decode_tok_s" in s:
+            s["gb_s"] = row["bytes_per_token"] * s["decode_tok_s"] / 1e9
+            s["of_bandwidth"] = s["gb_s"] / args.bandwidth
     fidelity_note = None
     if model != "smollm2":
         fidelity_note = "fidelity not measured: random weights make it meaningless"
@@ -493,7 +557,7 @@ def bench_model(model: str, args, work: Path) -> dict:
                                      work / model / "logs" / f"fidelity-{slug(row['label'])}.log")
     mem = built["memory"]
     rss_budget = (mem["weights_bytes"] + mem["kv_bytes_per_token"] * CONTEXT) / 2**20 + 100
-    return {"model": MODELS[model], "key": model, "prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS,
+    return {"model": MODELS[model], "key": model, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
             "runs": runs, "context": CONTEXT, "rows": rows, "skipped": skipped, "fidelity_note": fidelity_note,
             "edgekit_build": built, "builds": builds, "rss_budget_mib": rss_budget,
             "targets": targets(rows, rss_budget)}
@@ -514,6 +578,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "edgekit-compare",
                     help="where converted models are kept between runs [default: $TMPDIR/edgekit-compare]")
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON and PNG [default: WORK/results]")
+    ap.add_argument("--bandwidth", type=float, default=34.0,
+                    help="GB/s this machine reads with --threads, for the %% of bandwidth column [34: the 2-core "
+                         "reference machine, 2 threads]")
+    ap.add_argument("--r1-7b-gguf", type=Path, default=None,
+                    help="an already prepared 7B layout file (benchmarks/r1_7b.py); default: prepared in WORK")
     args = ap.parse_args()
     args.skip_peer = set(args.skip_peer)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TARGET_ROWS = ("llama.cpp Q4_0", "llama.cpp Q4_1 (GGUF as is)", "onnxruntime-genai int4")
+TARGET_ROWS = ("llama.cpp Q4_0", "llama.cpp Q4_1 (GGUF as is)", "llama.cpp (same GGUF)", "onnxruntime-genai int4")
 
 
 def targets(rows: list[dict], rss_budget: float) -> list[dict]:
@@ -57,7 +57,7 @@ def _fmt(v, spec: str, missing: str = "-") -> str:
 def table(res: dict, threads: int) -> str:
     lines = [f"{res['model']}: threads {threads}, prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new "
              f"tokens (greedy, EOS ignored), context {res['context']}, median of {res['runs']} run(s)",
-             f"{'':28} {'TTFT ms':>8} {'decode tok/s':>12} {'peak RSS MiB':>12} {'top-1 %':>8} {'KL':>9}"
+             f"{'':28} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>5} {'%bw':>4} {'peak RSS MiB':>12} {'top-1 %':>8} {'KL':>9}"
              f"   edgekit/peer: {'TTFT':>6} {'decode':>6} {'RSS':>6}   {'others':>6}"]
     busy = []
     ek = next((r["speed"] for r in res["rows"] if r["peer"] == "edgekit" and "error" not in r["speed"]), None)
@@ -74,7 +74,8 @@ def table(res: dict, threads: int) -> str:
         if s["other_cores"] > 0.25:
             busy.append(r["label"])
         top1 = f.get("top1_agreement")
-        lines.append(f"{r['label']:28} {s['ttft_ms']:>8.1f} {s['decode_tok_s']:>12.1f} {s['peak_rss_mib']:>12.0f} "
+        bw = (f"{s['gb_s']:>5.1f} {s['of_bandwidth'] * 100:>3.0f}%" if "gb_s" in s else f"{'-':>5} {'-':>4}")
+        lines.append(f"{r['label']:28} {s['ttft_ms']:>8.1f} {s['decode_tok_s']:>12.1f} {bw} {s['peak_rss_mib']:>12.0f} "
                      f"{_fmt(top1 and top1 * 100, '8.2f', f.get('error') and 'error' or '-'):>8} "
                      f"{_fmt(f.get('mean_kl'), '9.5f'):>9}   {ratios}")
     for peer, why in res["skipped"].items():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import UserInputError
 from .runtime.generate import GenerationRequest, run
@@ -120,6 +123,55 @@ def shared_prefix(model, prefix_tokens: int, new_tokens: int, runs: int = 3, *, 
     second = statistics.median(r.ttft_ms for r in seconds)
     return SharedPrefixCase(prefix_tokens, len(first_ids), len(second_ids), runs, first, second,
                             min(r.cached_tokens for r in seconds), second / first if first > 0 else 0.0)
+
+
+@dataclass(frozen=True)
+class FilledCase:
+    filled: int                # tokens in the KV cache (written by prefill) before the timed decode steps
+    new_tokens: int
+    runs: int
+    decode_tok_s: float        # median over the runs
+    decode_tok_s_spread: float
+    relative: float            # decode_tok_s / that of the shortest filled length
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 4 if k == "relative" else 2) if isinstance(v, float) else v)
+                for k, v in self.__dict__.items()}
+
+
+def filled_decode(model, lengths: list[int], new_tokens: int, runs: int = 3, *, warmup: bool = True) -> list[FilledCase]:
+    """Decode speed with ``F`` tokens already in the KV cache, for each ``F`` in ``lengths``: R1 thinks for
+    thousands of tokens, and attention reads every filled row at each step. The cache is filled by prefill
+    (chunks of the bundle's prefill size, ordinary text), once per length; each run then keeps those ``F`` rows
+    and times ``new_tokens`` greedy one-token steps. Medians over ``runs``."""
+    longest = max(lengths)
+    if longest + new_tokens > model.max_context:
+        raise UserInputError(f"--filled {longest} + {new_tokens} new tokens exceed max_context {model.max_context}: "
+                             "use shorter --filled/--new-tokens or a bundle with a longer context")
+    dec, chunk = model.decoder, model.prefill_chunk
+    cases: list[FilledCase] = []
+    with model._lock:
+        if warmup:
+            dec.reset()
+            dec.step(np.asarray(prompt_of(model, 8), np.int64))
+        for f in sorted(lengths):
+            ids = np.asarray(prompt_of(model, f), np.int64)
+            dec.reset()
+            for a in range(0, f, chunk):
+                logits = dec.step(ids[a:a + chunk])
+            first = int(np.argmax(logits))
+            rates = []
+            for _ in range(runs):
+                dec.keep(f)
+                token, t0 = first, time.perf_counter()
+                for _ in range(new_tokens):
+                    token = int(np.argmax(dec.step(np.array([token], np.int64))))
+                rates.append(new_tokens / (time.perf_counter() - t0))
+            rate = statistics.median(rates)
+            base = cases[0].decode_tok_s if cases else rate
+            cases.append(FilledCase(f, new_tokens, runs, rate, max(rates) - min(rates), rate / base))
+        dec.reset()      # the rows hold filler text: no later request may reuse them
+    return cases
 
 
 def _once(model, ids: list[int], new_tokens: int, ignore_eos: bool, *, reuse: bool = False):

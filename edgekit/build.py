@@ -75,17 +75,24 @@ class QuantOptions:
     # becomes ~1.09x its size on onnxruntime). False (--compact-blocks) re-quantizes those to 4 bits: <= 1x the
     # GGUF, but SmolLM2 with a Q6_K ffn_down fell from 95.7% to 84.8% top-1 (benchmarks/kquant_fidelity.py).
     exact: bool = True
+    # "int8": the KV cache stored as int8 with per-channel scales from a calibration prefill (ort dialect only;
+    # any precision). Off by default: SmolLM2 agreed with the float cache on 97% of greedy tokens, not 99%.
+    kv_cache: str = "float"
 
     def settings(self):
         """What of these options changes the stored bytes (the planner's view)."""
         from .quant.sizes import QuantSettings
 
         return QuantSettings(block_size=self.block_size, head_bits=self.head_bits, lossless=self.lossless,
-                             exact=self.exact)
+                             exact=self.exact, kv_cache=self.kv_cache)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserInputError(f"unknown quantization method {self.method!r}: use one of {', '.join(METHODS)}")
+        from .export.kv_int8 import KV_CACHE_CHOICES
+
+        if self.kv_cache not in KV_CACHE_CHOICES:
+            raise UserInputError(f"unknown KV cache type {self.kv_cache!r}: use one of {', '.join(KV_CACHE_CHOICES)}")
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,11 @@ def preflight(model: str | Path | ModelSource, target: Target, *, precision: str
             raise UserInputError(
                 f"INT4 block size {quant.block_size} does not divide the input size {uneven[0]} of "
                 f"{spec.name or 'this model'}'s linear layers, which TensorRT requires: use --block-size {fitting}")
-    graph_float = "fp32" if the_plan.kv_dtype == "fp32" else "fp16"
+    if quant.kv_cache != "float":
+        from .export.kv_int8 import check_kv_cache
+
+        check_kv_cache(quant.kv_cache, dialect)
+    graph_float = "fp32" if the_plan.compute_dtype == "fp32" else "fp16"
     options = GraphOptions(dialect=dialect, precision=graph_float, max_context=context, logits=logits)
     return BuildPlan(source, the_plan, precision, options, quant)
 
@@ -166,6 +177,8 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
         with staged_output(output, force=force) as tmp:
             exported, quantization = _export(reader, source, tmp, options, precision, quant, progress,
                                              cache_dir, key, the_plan.weights_bytes)
+            if quant.kv_cache == "int8":
+                _int8_kv_cache(reader, spec, tmp / exported.model_file, options, quant, the_plan, progress)
             if options.dialect == "tensorrt":     # TensorRT's parser rules, before anything is packaged
                 from .export.trt_check import require_tensorrt_graph
 
@@ -181,6 +194,9 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
                 progress("tokenizer", 1, 1)
             manifest = _manifest(source, reader.fingerprint(), spec, target, the_plan, options, exported, special,
                                  template)
+            if quant.kv_cache == "int8":
+                manifest["graph"]["kv_dtype"] = "int8"
+                manifest["graph"]["kv_cache"]["scales"] = "per channel (kv head x head_dim), K and V, per layer"
             if quantization is not None:
                 manifest["quantization"] = quantization
             manifest = write_manifest(tmp, manifest)
@@ -233,6 +249,21 @@ def _codec(precision: str, options: GraphOptions, quant: QuantOptions, reader):
     return QuantCodec(options.dialect, precision, dtype, block_size=quant.block_size, accuracy_level=level,
                       head_accuracy_level=quant.accuracy_level, head_bits=quant.head_bits, reader=reader,
                       lossless=quant.lossless, exact=quant.exact)
+
+
+def _int8_kv_cache(reader, spec, graph: Path, options: GraphOptions, quant: QuantOptions, the_plan: Plan,
+                   progress: Progress | None) -> None:
+    """Calibrate per-channel K/V scales on the float graph just written, then switch it to an int8 cache."""
+    from .calibration import calibration_token_batches, codec_from_reader
+    from .export.kv_int8 import calibrate, to_int8_cache
+
+    sequences = calibration_token_batches(codec_from_reader(reader), quant.calibration, max_tokens=256,
+                                          total_tokens=quant.calibration_tokens)
+    float_kv = "float32" if options.precision == "fp32" else "float16"
+    k_max, v_max = calibrate(graph, spec, float_kv, sequences, chunk=the_plan.prefill_chunk)
+    to_int8_cache(graph, k_max, v_max)
+    if progress:
+        progress("int8 KV cache scales", 1, 1)
 
 
 def _uses_awq(quant: QuantOptions, source: ModelSource) -> bool:

@@ -65,6 +65,7 @@ class Plan:
     warnings: tuple[str, ...] = ()
     # when it does not fit: every other (backend, precision) of the target that fits at this context
     fits_with: tuple[tuple[str, str], ...] = ()
+    compute_dtype: str = ""           # the graph's float type (kv_dtype differs with an int8 KV cache)
 
     @property
     def weights_bytes(self) -> int:
@@ -140,7 +141,8 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
 
     weights = weights_at(precision, context)
     act = compute_dtype(precision, device)
-    kv_per_token = spec.kv_bytes_per_token(act)
+    kv_dtype = _kv_dtype(act, quant, dialect)
+    kv_per_token = spec.kv_bytes_per_token(kv_dtype)
     chunk = min(target.prefill_chunk, context)
     work = _workspace(spec, act, chunk, context)
     repack = (f" + {fmt_bytes(weights.repacked)} of MatMulNBits weights repacked for int8 compute (the packed "
@@ -149,7 +151,7 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
                     f"{chosen.name} on {target.name}: {chosen.overhead_source}{repack}")
     kv = Line("KV cache", kv_per_token * context,
               f"2 (K, V) x {spec.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_dim} head_dim "
-              f"x {act} = {kv_per_token:,} B/token x {context} tokens (static, allocated up front)")
+              f"x {kv_dtype} = {kv_per_token:,} B/token x {context} tokens (static, allocated up front)")
     weight_lines = (
         Line("linear weights", weights.linears, weights.sources["linears"]),
         Line("embedding", weights.embedding, weights.sources["embedding"]),
@@ -163,7 +165,8 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
         w = weight_bytes(spec, p, b.device, dialect=DIALECT_OF_BACKEND.get(b.name), context=ctx, quant=quant)
         a = compute_dtype(p, b.device)
         ws = sum(x.bytes for x in _workspace(spec, a, min(target.prefill_chunk, ctx), ctx))
-        return w.total + spec.kv_bytes_per_token(a) * ctx + ws + b.overhead_bytes + w.repacked
+        kv_b = spec.kv_bytes_per_token(_kv_dtype(a, quant, DIALECT_OF_BACKEND.get(b.name)))
+        return w.total + kv_b * ctx + ws + b.overhead_bytes + w.repacked
 
     def total_at(p: str, ctx: int) -> int:
         return total_for(chosen, p, ctx)
@@ -205,11 +208,16 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
 
     return Plan(
         model=spec.name, target=target.name, backend=chosen.name, precision=precision, context=context,
-        prefill_chunk=chunk, parameters=spec.parameters, kv_dtype=act, kv_bytes_per_token=kv_per_token,
+        prefill_chunk=chunk, parameters=spec.parameters, kv_dtype=kv_dtype, kv_bytes_per_token=kv_per_token,
         weights=weight_lines, kv=kv, workspace=work, overhead=overhead, budget=budget_line,
         largest_allocation=largest, fits=fits, max_context=max_context, fitting_precision=fitting,
-        decode_tokens_per_s=decode, warnings=tuple(warnings), fits_with=tuple(fits_with),
+        decode_tokens_per_s=decode, warnings=tuple(warnings), fits_with=tuple(fits_with), compute_dtype=act,
     )
+
+
+def _kv_dtype(act: str, quant, dialect: str | None) -> str:
+    """The KV cache's element type: the compute type, or int8 (``--kv-cache int8``, onnxruntime graphs only)."""
+    return "int8" if getattr(quant, "kv_cache", "float") == "int8" and dialect == "ort" else act
 
 
 def _workspace(spec: ModelSpec, act: str, chunk: int, context: int) -> tuple[Line, ...]:

@@ -174,6 +174,16 @@ def chat_cmd(bundle, memory_budget, max_context, backend, threads, hide_reasonin
         history.append({"role": "assistant", "content": result.answer})
 
 
+def _lengths(text: str, option: str, example: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"give comma-separated whole numbers, e.g. {example}", param_hint=option)
+    if not lengths or min(lengths) < 1:
+        raise click.BadParameter(f"give comma-separated whole numbers >= 1, e.g. {example}", param_hint=option)
+    return lengths
+
+
 @cli.command("bench")
 @_load_options
 @click.option("--prompt-tokens", default="32,512", show_default=True, help="Comma-separated prompt lengths.")
@@ -183,11 +193,27 @@ def chat_cmd(bundle, memory_budget, max_context, backend, threads, hide_reasonin
 @click.option("--shared-prefix", type=click.IntRange(1), default=None, metavar="N",
               help="Instead: TTFT of a request with an N-token prefix (from an empty cache) vs a second one sharing "
                    "that prefix (prefix reuse), and their ratio.")
+@click.option("--filled", default=None, metavar="LENGTHS",
+              help="Instead: decode tok/s with each of these many tokens already in the KV cache (filled by "
+                   "prefill), e.g. 64,512,1024,4096, and each rate relative to the shortest.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_cmd(bundle, memory_budget, max_context, backend, threads, prompt_tokens, new_tokens, runs, ignore_eos,
-              shared_prefix, as_json, **kw):
+              shared_prefix, filled, as_json, **kw):
     """Time to first token, decode tok/s and peak memory for BUNDLE (medians over --runs)."""
-    from ..bench import bench, shared_prefix as shared_prefix_case
+    from ..bench import bench, filled_decode, shared_prefix as shared_prefix_case
+
+    if filled is not None:
+        lengths = _lengths(filled, "--filled", "64,512,1024,4096")
+        model = _load(bundle, memory_budget, max_context, backend, threads, kw)
+        cases = filled_decode(model, lengths, new_tokens, runs)
+        if as_json:
+            echo_json({"bundle": str(bundle), "threads": threads, "filled": [c.to_dict() for c in cases]})
+            return
+        click.echo(f"{'filled':>7} {'new':>5} {'decode tok/s':>13} {'±':>6} {'vs shortest':>12}")
+        for c in cases:
+            click.echo(f"{c.filled:>7} {c.new_tokens:>5} {c.decode_tok_s:>13.1f} {c.decode_tok_s_spread:>6.1f} "
+                       f"{c.relative:>12.1%}")
+        return
 
     if shared_prefix is not None:
         model = _load(bundle, memory_budget, max_context, backend, threads, kw)
@@ -202,12 +228,7 @@ def bench_cmd(bundle, memory_budget, max_context, backend, threads, prompt_token
                    f"{case.ratio:>7.3f}")
         return
 
-    try:
-        lengths = [int(x) for x in prompt_tokens.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter("give comma-separated whole numbers, e.g. 32,512", param_hint="--prompt-tokens")
-    if not lengths or min(lengths) < 1:
-        raise click.BadParameter("give comma-separated whole numbers >= 1, e.g. 32,512", param_hint="--prompt-tokens")
+    lengths = _lengths(prompt_tokens, "--prompt-tokens", "32,512")
     model = _load(bundle, memory_budget, max_context, backend, threads, kw)
     cases = bench(model, lengths, new_tokens, runs, ignore_eos=ignore_eos)
     if as_json:

@@ -31,6 +31,7 @@ class QuantSettings:
     lossless: bool = True
     exact: bool = True
     accuracy_level: int = 4          # MatMulNBits: 4 = int8 compute (what onnxruntime CPU repacks for)
+    kv_cache: str = "float"          # "int8": GroupQueryAttention's int8 cache (edgekit.export.kv_int8)
 
 
 def tensor_types(spec: ModelSpec) -> dict[str, str]:

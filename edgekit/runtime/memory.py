@@ -44,8 +44,8 @@ def need_for(memory: dict, max_context: int) -> MemoryNeed:
 
 
 # ONNX element types of a KV cache, and the manifest's names for them
-_ELEM_BYTES = {1: 4, 10: 2, 16: 2}                       # float, float16, bfloat16
-_KV_ELEM = {"float": 1, "float32": 1, "float16": 10}
+_ELEM_BYTES = {1: 4, 10: 2, 16: 2, 3: 1}                 # float, float16, bfloat16, int8
+_KV_ELEM = {"float": 1, "float32": 1, "float16": 10, "int8": 3}   # int8: --kv-cache int8 (export/kv_int8.py)
 
 
 def graph_memory(manifest, info) -> dict:

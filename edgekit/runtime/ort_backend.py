@@ -17,7 +17,7 @@ from ..errors import BackendUnavailable, GenerationError
 from .memory import release_free_heap
 from .prefix import TokenRows
 
-_NP = {"float": np.float32, "float32": np.float32, "float16": np.float16}
+_NP = {"float": np.float32, "float32": np.float32, "float16": np.float16, "int8": np.int8}
 
 
 def _providers(backend: str, ort) -> list:
@@ -37,7 +37,7 @@ class OrtDecoder(TokenRows):
     """Runs the exported graph step by step over a fixed-capacity KV cache (batch 1)."""
 
     def __init__(self, model_path: str, *, dialect: str, spec, capacity: int, kv_dtype: str,
-                 backend: str = "onnxruntime-cpu", threads: int | None = None):
+                 backend: str = "onnxruntime-cpu", threads: int | None = None, profile_prefix: str | None = None):
         import onnxruntime as ort
 
         self.dialect, self.spec, self.capacity = dialect, spec, capacity
@@ -48,6 +48,9 @@ class OrtDecoder(TokenRows):
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        if profile_prefix:      # benchmarks/profile_decode.py: per-node kernel times in a JSON trace
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         providers = _providers(backend, ort)
         try:
             self.session = ort.InferenceSession(model_path, options, providers=providers)
@@ -62,6 +65,7 @@ class OrtDecoder(TokenRows):
                                      "or fix the GPU setup (edgekit doctor)")
         self.device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
         self.dtype = _NP[kv_dtype]
+        self.kv_dtype_name = kv_dtype
         self.vocab = spec.vocab_size
         L, Hkv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
         self._ort = ort
