@@ -93,14 +93,18 @@ def _check(value, schema: dict, where: str) -> list[str]:
     return problems
 
 
-def replay(url: str, recording: Path, num_ctx: int | None = None, timeout: float = 600) -> list[dict]:
-    """Send every recorded request; one report per request (ok, call, problems, timings)."""
+def replay(url: str, recording: Path, num_ctx: int | None = None, timeout: float = 600,
+           options: dict | None = None) -> list[dict]:
+    """Send every recorded request; one report per request (ok, call, problems, timings). ``options`` are added
+    to the recorded Ollama options (e.g. {"temperature": 0} for a repeatable run)."""
     model = _served_model(url, timeout)
     reports = []
     for case in json.loads(recording.read_text(encoding="utf-8"))["requests"]:
         body = dict(case["body"], model=model)
         if num_ctx is not None:
             body["options"] = dict(body.get("options") or {}, num_ctx=num_ctx)
+        if options:
+            body["options"] = dict(body.get("options") or {}, **options)
         chunks, seconds, first_call = _post_stream(url, body, timeout)
         last = chunks[-1] if chunks else {}
         calls = [c for chunk in chunks for c in (chunk.get("message") or {}).get("tool_calls") or []]
@@ -110,7 +114,7 @@ def replay(url: str, recording: Path, num_ctx: int | None = None, timeout: float
         if not last.get("done"):
             problems.append("the stream ended without a done chunk")
         if not calls:
-            problems.append(f"no tool call; the answer was {content[:200]!r}")
+            problems.append(f"no tool call (done_reason {last.get('done_reason')!r}); the answer was {content[:200]!r}")
         for call in calls:
             name, args = call["function"]["name"], call["function"].get("arguments")
             if name not in schemas:
@@ -134,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-ctx", type=int, help="replace the recorded options.num_ctx (Home Assistant's "
                                                 "'context window size'); at most the server's --max-context")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per request (default %(default)s)")
+    ap.add_argument("--temperature", type=float, help="add options.temperature (Home Assistant sends none: the "
+                                                       "server's default applies; 0 makes a run repeatable)")
+    ap.add_argument("--seed", type=int, help="add options.seed")
     ap.add_argument("--json", action="store_true", help="print the reports as JSON")
     a = ap.parse_args(argv)
     try:
-        reports = replay(a.url, a.recording, a.num_ctx, a.timeout)
+        extra = {k: v for k, v in (("temperature", a.temperature), ("seed", a.seed)) if v is not None}
+        reports = replay(a.url, a.recording, a.num_ctx, a.timeout, extra)
     except urllib.error.HTTPError as e:
         print(f"replay: {a.url} answered {e.code}: {e.read().decode('utf-8', 'replace')[:300]}", file=sys.stderr)
         return 1
