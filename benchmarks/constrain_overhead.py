@@ -137,7 +137,7 @@ class OutlinesCore:
     name = "outlines-core"
 
     def __init__(self, tj: str, vocab: int, eos: int):
-        import llguidance as llg   # only to read each token's bytes the same way (byte-level BPE decoding)
+        import llguidance as llg  # only to read each token's bytes the same way (byte-level BPE decoding)
         import outlines_core
 
         self.oc = outlines_core

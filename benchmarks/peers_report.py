@@ -57,7 +57,8 @@ def _fmt(v, spec: str, missing: str = "-") -> str:
 def table(res: dict, threads: int) -> str:
     lines = [f"{res['model']}: threads {threads}, prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new "
              f"tokens (greedy, EOS ignored), context {res['context']}, median of {res['runs']} run(s)",
-             f"{'':28} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>5} {'%bw':>4} {'peak RSS MiB':>12} {'top-1 %':>8} {'KL':>9}"
+             f"{'':28} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>5} {'%bw':>4} {'peak RSS MiB':>12} "
+             f"{'top-1 %':>8} {'KL':>9}"
              f"   edgekit/peer: {'TTFT':>6} {'decode':>6} {'RSS':>6}   {'others':>6}"]
     busy = []
     ek = next((r["speed"] for r in res["rows"] if r["peer"] == "edgekit" and "error" not in r["speed"]), None)

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import start_server  # noqa: E402
+from serve_load import start_server
 
 
 def _status(pid: int) -> dict[str, int]:

@@ -103,7 +103,8 @@ _QUESTIONS = ("Question: which lights are on in the kitchen right now?",
               "Question: is the front door locked, and what is the thermostat set to?")
 
 
-def shared_prefix(model, prefix_tokens: int, new_tokens: int, runs: int = 3, *, warmup: bool = True) -> SharedPrefixCase:
+def shared_prefix(model, prefix_tokens: int, new_tokens: int, runs: int = 3, *,
+                  warmup: bool = True) -> SharedPrefixCase:
     """Two requests sharing a ``prefix_tokens`` prefix (a long system prompt) with different questions after it:
     the first from an empty cache, the second reusing the first's KV rows (prefix reuse). Medians over ``runs``."""
     prefix = prompt_of(model, prefix_tokens)
@@ -139,7 +140,8 @@ class FilledCase:
                 for k, v in self.__dict__.items()}
 
 
-def filled_decode(model, lengths: list[int], new_tokens: int, runs: int = 3, *, warmup: bool = True) -> list[FilledCase]:
+def filled_decode(model, lengths: list[int], new_tokens: int, runs: int = 3, *,
+                  warmup: bool = True) -> list[FilledCase]:
     """Decode speed with ``F`` tokens already in the KV cache, for each ``F`` in ``lengths``: R1 thinks for
     thousands of tokens, and attention reads every filled row at each step. The cache is filled by prefill
     (chunks of the bundle's prefill size, ordinary text), once per length; each run then keeps those ``F`` rows

@@ -14,9 +14,9 @@ interrupted or failed build leaves nothing that looks like a bundle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import __version__
 from .errors import DoesNotFit, UserInputError

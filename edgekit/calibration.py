@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from .errors import UserInputError
 
@@ -22,7 +22,7 @@ BUILTIN = Path(__file__).parent / "data" / "calibration.jsonl"
 _ROLES = ("system", "user", "assistant", "tool")
 
 # A sample is a conversation (list of messages) or, from a plain-text file, a string.
-Sample = Union[list, str]
+Sample = list | str
 
 
 def load_calibration(path: str | Path | None = None) -> list[list[dict[str, str]]]:

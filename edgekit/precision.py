@@ -157,7 +157,7 @@ class WeightBytes:
         return self.linears + self.embedding + self.lm_head + self.small
 
 
-def weight_bytes(spec: "ModelSpec", precision: str, device: str = "gpu", *,
+def weight_bytes(spec: ModelSpec, precision: str, device: str = "gpu", *,
                  int4_block_size: int | None = None, dialect: str | None = None, context: int | None = None,
                  quant=None) -> WeightBytes:
     """What the weights of ``spec`` take at ``precision`` when run on ``device`` ("gpu" or "cpu").
@@ -191,7 +191,7 @@ def weight_bytes(spec: "ModelSpec", precision: str, device: str = "gpu", *,
     sources = {
         "linears": f"{pol.linear.describe()}; {layers} layers x ({shapes})",
         "embedding": f"{pol.embedding.describe()}; {vocab} x {h}",
-        "lm_head": (f"tied to the embedding (stored once)" if spec.tie_word_embeddings
+        "lm_head": ("tied to the embedding (stored once)" if spec.tie_word_embeddings
                     else f"{pol.lm_head.describe()}; {vocab} x {h}"),
         "small": f"{small_params:,} norm weights and biases in {small_dtype}",
     }

@@ -110,7 +110,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         """Inverse of :meth:`to_dict` (a manifest's ``model`` entry)."""
         d = {k: v for k, v in d.items() if k != "parameters"}
         rs = d.pop("rope_scaling", None)
@@ -118,7 +118,7 @@ class ModelSpec:
         return cls(**d, rope_scaling=RopeScaling(**rs) if rs else None)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], *, name: str = "") -> "ModelSpec":
+    def from_config(cls, config: dict[str, Any], *, name: str = "") -> ModelSpec:
         """Build a spec from a Hugging Face config.json dictionary."""
         archs = config.get("architectures")
         if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
@@ -134,7 +134,7 @@ class ModelSpec:
                 "re-download the model's config.json") from None
 
     @classmethod
-    def from_config_file(cls, path: Path) -> "ModelSpec":
+    def from_config_file(cls, path: Path) -> ModelSpec:
         try:
             config = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:

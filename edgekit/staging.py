@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import secrets
+import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .errors import OutputError
 from .runtime.bundle import fsync_dir as _fsync_dir
@@ -57,14 +57,14 @@ def _free_bytes(path: Path) -> int:
 
 def _fsync_tree(path: Path) -> None:
     """Flush every file and folder below path, so the rename never publishes files whose data is not on disk."""
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    for root, dirs, _files in os.walk(path, topdown=False):
+    for root, _dirs, _files in os.walk(path, topdown=False):
         _fsync_dir(Path(root))
 
 

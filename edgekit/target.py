@@ -131,7 +131,7 @@ class Target:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Target":
+    def from_dict(cls, d: dict[str, Any]) -> Target:
         """Inverse of :meth:`to_dict` (what ``edgekit targets --json`` prints)."""
         d = dict(d)
         cc = d.pop("compute_capability")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 Publish = Callable[[str], None]
 BUSY_REPLY = "busy: one question at a time and the queue is full; ask again when this answer arrives"
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     class EdgekitAnswerNode(Node):
         def __init__(self):
             super().__init__("edgekit")
-            param = lambda name, default: self.declare_parameter(name, default).value  # noqa: E731
+            def param(name, default):
+                return self.declare_parameter(name, default).value
             bundle = param("bundle", "")
             if not bundle:
                 raise EdgekitError("no bundle: run with --ros-args -p bundle:=/path/to/bundle "

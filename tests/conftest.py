@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, refs
 
-from tiny_models import make_tiny  # noqa: E402
+from tiny_models import make_tiny
 
 
 @pytest.fixture(scope="session")

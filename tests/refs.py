@@ -13,9 +13,8 @@ Heavy imports (torch, transformers, gguf) happen inside the functions.
 
 from __future__ import annotations
 
-import sys
-
 import functools
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

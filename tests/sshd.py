@@ -57,7 +57,7 @@ class SshServer:
         self.config = self.folder / "ssh_config"       # pass to ssh -F (Device(ssh_config=...))
         self.log = self.folder / "sshd.log"
 
-    def start(self) -> "SshServer":
+    def start(self) -> SshServer:
         f = self.folder
         f.mkdir(parents=True, exist_ok=True)
         for key in ("host_key", "user_key", "other_key"):

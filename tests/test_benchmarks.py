@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
-import peers_report  # noqa: E402
+import peers_report
 
 
 def _row(label, peer, precision, decode, ttft=50.0, rss=200.0, top1=None, kl=None):
@@ -57,9 +57,8 @@ def test_readme_lists_the_same_format_row():
 @pytest.mark.slow
 def test_fidelity_reference_is_transformers_fp32(smollm2_gguf, tmp_path):
     """The stored reference logits are transformers' own (its fp32 model of the GGUF), not an edgekit export."""
-    import torch
-
     import compare_peers
+    import torch
     from refs import hf_gguf_model
 
     done = compare_peers.worker_reference({"model": str(smollm2_gguf), "out": str(tmp_path), "context": 256,

@@ -15,8 +15,7 @@ jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
 
 from edgekit.errors import FormatError  # noqa: E402
-from edgekit.runtime.answer_format import (  # noqa: E402
-    AnswerFormat, Choice, Json, Literal, Repeat, Seq, Text, json_answer)
+from edgekit.runtime.answer_format import AnswerFormat, Choice, Json, Literal, Repeat, Seq, Text, json_answer  # noqa: E402
 
 SCHEMAS = {
     "required_and_bounds": {

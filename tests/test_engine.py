@@ -17,22 +17,29 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent / "gpu"))
 
-import standin  # noqa: E402
-from edgekit.cli import cli  # noqa: E402
-from edgekit.engine import builder as eb  # noqa: E402
-from edgekit.engine import compat  # noqa: E402
-from edgekit.engine.plan import (POOL_CAP, build_profiles, contract_io, engine_plan, plan_for_manifest,  # noqa: E402
-                                 pool_limit, profile_ranges)
-from edgekit.errors import (BackendUnavailable, BudgetExceeded, BundleError, DoesNotFit, GenerationError,  # noqa: E402
-                            GpuStepFailed)
-from edgekit.gpu import probe as gp  # noqa: E402
-from edgekit.plan import plan as memory_plan  # noqa: E402
-from edgekit.runtime.bundle import hash_file, read_manifest, verify, write_manifest  # noqa: E402
-from edgekit.runtime.ort_backend import OrtDecoder  # noqa: E402
-from edgekit.runtime.trt_backend import KvLayout, TrtDecoder, open_engine_decoder, plan_step  # noqa: E402
-from edgekit.spec import ModelSpec  # noqa: E402
-from edgekit.target import load_target  # noqa: E402
-from edgekit.units import GiB, MiB  # noqa: E402
+import standin
+
+from edgekit.cli import cli
+from edgekit.engine import builder as eb
+from edgekit.engine import compat
+from edgekit.engine.plan import (
+    POOL_CAP,
+    build_profiles,
+    contract_io,
+    engine_plan,
+    plan_for_manifest,
+    pool_limit,
+    profile_ranges,
+)
+from edgekit.errors import BackendUnavailable, BudgetExceeded, BundleError, DoesNotFit, GenerationError, GpuStepFailed
+from edgekit.gpu import probe as gp
+from edgekit.plan import plan as memory_plan
+from edgekit.runtime.bundle import hash_file, read_manifest, verify, write_manifest
+from edgekit.runtime.ort_backend import OrtDecoder
+from edgekit.runtime.trt_backend import KvLayout, TrtDecoder, open_engine_decoder, plan_step
+from edgekit.spec import ModelSpec
+from edgekit.target import load_target
+from edgekit.units import GiB, MiB
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 

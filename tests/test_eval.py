@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgekit.calibration import (calibration_token_batches, encode_prompt, load_calibration, load_samples,
-                                 render_sample)
+from edgekit.calibration import calibration_token_batches, encode_prompt, load_calibration, load_samples, render_sample
 from edgekit.errors import UserInputError
 from edgekit.evaluate import FidelityStats, evaluate
 

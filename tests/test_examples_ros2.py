@@ -10,10 +10,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from spies import record_results
 
 from edgekit.errors import GenerationError
 from edgekit.runtime.model import load
-from spies import record_results
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "ros2_node.py"
 GREEDY = dict(max_new_tokens=24, temperature=0)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from sshd import SshServer, sshd_missing_reason
 
 from edgekit.errors import DeployFailed, DeviceMismatch, DeviceUnreachable

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-
-from test_flash import _as_orin, cli, current_of, device, errors, needs_sshd, retokenized, sshd, variant  # noqa: F401
+import test_flash
+from test_flash import _as_orin, cli, current_of, device, errors, needs_sshd, retokenized, variant
 
 from edgekit.errors import DeployFailed, DeviceMismatch
 from edgekit.flash import flash, rollback
 from edgekit.runtime.bundle import read_manifest, verify
+
+sshd = test_flash.sshd   # the module-scoped loopback sshd fixture, shared
 
 
 @needs_sshd

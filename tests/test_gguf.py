@@ -12,8 +12,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from refs import (Vocab, hf_gguf_model, hf_gguf_tokenizer, llamacpp_permute, write_tiny_gguf,
-                  write_tokenizer_gguf)
+from refs import Vocab, hf_gguf_model, hf_gguf_tokenizer, llamacpp_permute, write_tiny_gguf, write_tokenizer_gguf
 
 from edgekit.architectures import GGUF_WEIGHT_NAMES, HF_WEIGHT_NAMES, layer_name
 from edgekit.errors import ModelFormatError, UnsupportedArchitecture, UnsupportedQuantType
@@ -428,8 +427,8 @@ def test_unknown_tokenizer_is_refused_before_any_work(tmp_path):
     spm = write_tiny_gguf(tmp_path / "spm.gguf", tokenizer_model="llama").path
     for path, words in ((falcon, ("pre-tokenizer 'falcon'", "deepseek-r1-qwen", "llama-bpe")),
                         (spm, ("SentencePiece", "'llama'", "'gpt2'"))):
-        _one_line_error(ModelFormatError, lambda: spec_from_gguf(path), path.name, *words)
-        _one_line_error(ModelFormatError, lambda: GGUFReader(path), path.name, *words)
+        _one_line_error(ModelFormatError, lambda p=path: spec_from_gguf(p), path.name, *words)
+        _one_line_error(ModelFormatError, lambda p=path: GGUFReader(p), path.name, *words)
         for command in (["plan", str(path), "--target", "cpu"],
                         ["build", str(path), "--target", "cpu", "-o", str(tmp_path / "out")]):
             result = CliRunner().invoke(cli, command)

@@ -171,7 +171,8 @@ def test_counts_beyond_the_file_are_refused_at_once(case, tmp_path):
     ("big-endian", ("big-endian",)),
 ])
 def test_corrupt_headers_are_named(case, words, tmp_path):
-    u32 = lambda v: struct.pack("<I", v)  # noqa: E731
+    def u32(v):
+        return struct.pack("<I", v)
     kvs = {
         "value type": [_kv("x", 13, u32(1))],
         "array type": [_kv("x", 9, struct.pack("<IQ", 42, 1) + u32(1))],

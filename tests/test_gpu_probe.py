@@ -177,7 +177,8 @@ def report(driver, *, trt="10.3.0", cuda_py="12.6.0", providers=("CPUExecutionPr
 def test_backend_support_decisions():
     none = gp.probe_driver(loader(None))
     orin = gp.probe_driver(loader(FakeLibcuda()))
-    by = lambda r: {b.backend: b for b in gp.backend_support(r)}  # noqa: E731
+    def by(r):
+        return {b.backend: b for b in gp.backend_support(r)}
     b = by(report(none, trt=None, cuda_py=None))
     assert b["onnxruntime-cpu"].usable and not b["onnxruntime-cuda"].usable and not b["tensorrt"].usable
     assert "no-driver" in b["tensorrt"].reason

@@ -105,10 +105,11 @@ def test_k_quant_bundle_size_against_the_gguf(sources, tmp_path, exact, ceiling)
 def test_plan_warns_when_building_needs_more_memory_than_this_machine_has(tmp_path):
     """A dense build converts the embedding whole: a 1M x 16k vocabulary needs ~134 GB here, more than any
     test machine has; the plan says so (the device plan itself is unaffected)."""
+    from pathlib import Path
+
     from click.testing import CliRunner
 
     from edgekit.cli import cli
-    from pathlib import Path
 
     config = json.loads((Path(__file__).parent / "fixtures/configs/DeepSeek-R1-Distill-Qwen-1.5B/config.json")
                         .read_text())

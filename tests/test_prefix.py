@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "gpu"))
-import standin  # noqa: E402
+import standin
 
-from edgekit.build import QuantOptions, build  # noqa: E402
-from edgekit.engine import builder as eb  # noqa: E402
-from edgekit.runtime.generate import GenerationRequest, run  # noqa: E402
-from edgekit.runtime.model import load  # noqa: E402
-from edgekit.runtime.prefix import common_prefix, prefill_bounds  # noqa: E402
-from edgekit.runtime.sampling import SamplingParams  # noqa: E402
-from edgekit.runtime.trt_backend import open_engine_decoder  # noqa: E402
-from edgekit.target import load_target  # noqa: E402
+from edgekit.build import QuantOptions, build
+from edgekit.engine import builder as eb
+from edgekit.runtime.generate import GenerationRequest, run
+from edgekit.runtime.model import load
+from edgekit.runtime.prefix import common_prefix, prefill_bounds
+from edgekit.runtime.sampling import SamplingParams
+from edgekit.runtime.trt_backend import open_engine_decoder
+from edgekit.target import load_target
 
 NEW = 6
 

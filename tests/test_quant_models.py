@@ -122,9 +122,9 @@ def test_awq_beats_round_to_nearest(tiny_qwen2_dir, tmp_path):
 def test_smollm2_q4_1_imported_losslessly(smollm2_gguf, tmp_path):
     """INT4 bundle from the Q4_1 GGUF, fp32 compute: logits within 1e-3 of transformers, same greedy tokens."""
     import torch
+    from refs import hf_gguf_model
 
     from edgekit.runtime.model import load
-    from refs import hf_gguf_model
 
     result = build(smollm2_gguf, load_target("cpu"), output=tmp_path / "b", precision="int4", context=256,
                    quant=QuantOptions(accuracy_level=0))

@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from edgekit.errors import BackendUnavailable, BudgetExceeded, BundleError, GenerationError
+from edgekit.runtime.memory import available_memory
 from edgekit.runtime.model import load
 from edgekit.runtime.reasoning import ReasoningSplitter, StopMatcher
-from edgekit.runtime.memory import available_memory
 
 HELLO = [{"role": "user", "content": "hello robot"}]
 

@@ -12,10 +12,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from spies import record_results
 
 from edgekit.errors import GenerationError
 from edgekit.runtime.model import load
-from spies import record_results
 
 HELLO = [{"role": "user", "content": "hello robot"}]
 SKY = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -129,17 +129,17 @@ def test_break_and_consumer_errors_stop_the_generation(smol, spy):
 
     async def main():
         async with contextlib.aclosing(smol.astream(**LONG)) as events:
-            async for event in events:
+            async for _event in events:
                 break
         assert not smol._lock.locked() and threading.active_count() == threads
         with pytest.raises(KeyError):
             async with contextlib.aclosing(smol.astream(**LONG)) as events:
-                async for event in events:
+                async for _event in events:
                     raise KeyError("the consumer failed")
         assert not smol._lock.locked() and threading.active_count() == threads
         # A plain break without aclosing: the dropped generator is closed by the loop soon after (asyncio's
         # async-generator finalizer); the next generation waits for the lock, then runs normally.
-        async for event in smol.astream(**LONG):
+        async for _event in smol.astream(**LONG):
             break
         return await smol.agenerate(messages=SKY, max_new_tokens=8, temperature=0)
 

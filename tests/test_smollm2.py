@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from refs import hf_gguf_model
 
 pytestmark = pytest.mark.slow          # every test here builds or runs the real model

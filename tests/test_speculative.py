@@ -15,7 +15,7 @@ from edgekit.errors import BundleError, GenerationError, UserInputError
 from edgekit.runtime.generate import GenerationRequest, run
 from edgekit.runtime.model import load
 from edgekit.runtime.sampling import SamplingParams
-from edgekit.runtime.speculative import PromptLookup, SpeculativeDecoder, Speculation
+from edgekit.runtime.speculative import PromptLookup, Speculation, SpeculativeDecoder
 
 GREEDY = SamplingParams(temperature=0.0)
 R1_PROMPT = ("A train leaves at 3 pm and travels 120 km at 60 km/h. When does it arrive? Think step by step, "

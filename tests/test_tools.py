@@ -155,7 +155,6 @@ def test_smollm2_template_gets_calls_as_text(smol_codec):
 
 def test_template_that_renders_definitions_gets_them_as_the_tools_variable():
     from edgekit.runtime.text import TextCodec
-    from tiny_models import make_tokenizer  # noqa: F401  (the same tokenizer the tiny bundles use)
 
     template = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
                 "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% if m.tool_calls %}"
@@ -238,10 +237,11 @@ def test_streamed_text_without_calls_is_passed_through_whole():
 # ----- a generated call: tiny random model with the real R1 template ---------------------------------------
 @pytest.fixture(scope="module")
 def tiny_r1_bundle(r1_gguf, tmp_path_factory):
+    from tiny_models import make_tiny
+
     from edgekit.build import build
     from edgekit.sources.gguf import GGUFReader
     from edgekit.target import load_target
-    from tiny_models import make_tiny
 
     with GGUFReader(r1_gguf) as r:
         template = r.chat_template()

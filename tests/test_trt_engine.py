@@ -16,17 +16,17 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent / "gpu"))
-import standin  # noqa: E402
+import standin
 
-from edgekit.build import QuantOptions, build  # noqa: E402
-from edgekit.cli import cli  # noqa: E402
-from edgekit.engine import builder as eb  # noqa: E402
-from edgekit.errors import GpuStepFailed  # noqa: E402
-from edgekit.gpu import probe as gp  # noqa: E402
-from edgekit.runtime.bundle import read_manifest, write_manifest  # noqa: E402
-from edgekit.runtime.model import Model  # noqa: E402
-from edgekit.runtime.trt_backend import TrtDecoder, open_engine_decoder  # noqa: E402
-from edgekit.target import load_target  # noqa: E402
+from edgekit.build import QuantOptions, build
+from edgekit.cli import cli
+from edgekit.engine import builder as eb
+from edgekit.errors import GpuStepFailed
+from edgekit.gpu import probe as gp
+from edgekit.runtime.bundle import read_manifest, write_manifest
+from edgekit.runtime.model import Model
+from edgekit.runtime.trt_backend import TrtDecoder, open_engine_decoder
+from edgekit.target import load_target
 
 CONTEXT = 64
 
@@ -73,8 +73,8 @@ def test_engine_dry_run_checks_the_graph(int4_bundle, copy_bundle):
         assert result.exit_code == 2
         lines = result.output.strip().splitlines()
         assert len(lines) == 1
-        assert lines[0].startswith("error: model.onnx would not build with TensorRT 10.3: node layers.1.down/Dequantize "
-                                   "(DequantizeLinear): scale layers.1.down.scales has 1 of ")
+        assert lines[0].startswith("error: model.onnx would not build with TensorRT 10.3: node "
+                                   "layers.1.down/Dequantize (DequantizeLinear): scale layers.1.down.scales has 1 of ")
         assert "TensorRT requires every DequantizeLinear scale > 0 (onnxOpImporters.cpp QuantDequantLinearHelper" in \
             lines[0] and lines[0].endswith("rebuild the bundle with this edgekit (edgekit build MODEL --target "
                                            "orin-nano-8gb)")

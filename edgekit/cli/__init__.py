@@ -1,8 +1,8 @@
 """The command line: a thin click layer over the Python API.
 
 This package is the only place that prints or exits; each command family has its own module here
-(``plan_cmd``, ``build_cmd``, ...), registered on the group at the bottom of this file. Library errors (``edgekit.errors``) become one line on
-stderr and their exit code; anything else is a bug and keeps its traceback.
+(``plan_cmd``, ``build_cmd``, ...), registered on the group at the bottom of this file. Library errors
+(``edgekit.errors``) become one line on stderr and their exit code; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

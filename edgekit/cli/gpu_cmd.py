@@ -10,8 +10,8 @@ import time
 
 import click
 
-from . import cli, echo_json
 from ..units import fmt_bytes
+from . import cli, echo_json
 
 
 # ----- doctor ---------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from . import cli, echo_json
 from ..errors import UserInputError
 from ..units import fmt_bytes, parse_size
+from . import cli, echo_json
 
 DEFAULT_PRECISION = "int4"     # the smallest faithful choice on every target (GPU, Jetson and CPU)
 DEFAULT_CONTEXT = 4096

@@ -178,7 +178,7 @@ def _lengths(text: str, option: str, example: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter(f"give comma-separated whole numbers, e.g. {example}", param_hint=option)
+        raise click.BadParameter(f"give comma-separated whole numbers, e.g. {example}", param_hint=option) from None
     if not lengths or min(lengths) < 1:
         raise click.BadParameter(f"give comma-separated whole numbers >= 1, e.g. {example}", param_hint=option)
     return lengths
@@ -200,7 +200,8 @@ def _lengths(text: str, option: str, example: str) -> list[int]:
 def bench_cmd(bundle, memory_budget, max_context, backend, threads, prompt_tokens, new_tokens, runs, ignore_eos,
               shared_prefix, filled, as_json, **kw):
     """Time to first token, decode tok/s and peak memory for BUNDLE (medians over --runs)."""
-    from ..bench import bench, filled_decode, shared_prefix as shared_prefix_case
+    from ..bench import bench, filled_decode
+    from ..bench import shared_prefix as shared_prefix_case
 
     if filled is not None:
         lengths = _lengths(filled, "--filled", "64,512,1024,4096")

@@ -25,9 +25,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import BackendUnavailable, BundleError, GpuStepFailed
 from .plan import EnginePlan

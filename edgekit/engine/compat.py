@@ -9,7 +9,8 @@ what differs and the fix. Standard library only: the on-device runtime calls the
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..errors import BackendUnavailable, BundleError
 

@@ -15,9 +15,10 @@ hence a tolerance of 1% of the largest logit rather than fp32 round-off; the gre
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -11,9 +11,9 @@ bundle manifest records. Peak memory is about one decoder layer in float32 beyon
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import onnx
 
@@ -60,7 +60,8 @@ def export_onnx(reader, spec: ModelSpec, folder: Path, options: GraphOptions, *,
     try:
         report = progress
         if progress is not None and total_bytes:
-            report = lambda done, total: progress(min(builder.weight_bytes, total_bytes), total_bytes)  # noqa: E731
+            def report(done, total):
+                progress(min(builder.weight_bytes, total_bytes), total_bytes)
         DecoderWriter(builder, spec, options, reader, codec=codec).write(report)
         model = builder.save(producer=f"edgekit {__version__}", metadata={
             "edgekit.dialect": options.dialect, "edgekit.precision": options.precision,

@@ -40,8 +40,8 @@ Batch: all sequences in a batch share P and S (no padding); the runtime uses B =
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from onnx import TensorProto
@@ -89,7 +89,7 @@ class LazyWeight:
         return self._load()
 
     @staticmethod
-    def stacked(parts: "list[LazyWeight]") -> "LazyWeight":
+    def stacked(parts: list[LazyWeight]) -> LazyWeight:
         """Parts concatenated along the output dimension (packed qkv, gate_up)."""
         rows = sum(p.shape[0] for p in parts)
         return LazyWeight(lambda: np.concatenate([p() for p in parts], axis=0), (rows, *parts[0].shape[1:]))
@@ -309,15 +309,16 @@ class DecoderWriter:
 
     def _standard_attention(self, qkv: str, i: int) -> str:
         #   qkv ─Split─> q (B,S,H,D) ─rope─> Reshape (B,S,Hkv,G,D) ─Transpose─> (B,Hkv,G,S,D) ──┐
-        #              k (B,S,Hkv,D) ─rope─> new_key_i                                          MatMul ─+mask─Softmax─MatMul─> (B,S,H*D)
-        #   past_key_i (B,P,Hkv,D) ─Concat(k)─> (B,T,Hkv,D) ─Transpose─> (B,Hkv,1,D,T) ──────────┘          v: (B,Hkv,1,T,D)
+        #              k (B,S,Hkv,D) ─rope─> new_key_i                                          MatMul ─+mask─Softmax─┐
+        #   past_key_i (B,P,Hkv,D) ─Concat(k)─> (B,T,Hkv,D) ─Transpose─> (B,Hkv,1,D,T) ──────────┘                    │
+        #   v: (B,Hkv,1,T,D) ──────────────────────────────────────────────────────────── MatMul ─┴─> (B,S,H*D)
         b, spec, name = self.b, self.spec, f"layers.{i}.attn"
         H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
         G = H // Hkv
         q, k, v = b.op("Split", qkv, b.const([H * D, Hkv * D, Hkv * D]), axis=-1, outputs=3, name=f"{name}/SplitQKV")
         q = self._rotary(b.op("Reshape", q, b.const([0, 0, H, D]), name=f"{name}/q4"), f"{name}/rope_q")   # (B,S,H,D)
         k = self._rotary(b.op("Reshape", k, b.const([0, 0, Hkv, D]), name=f"{name}/k4"), f"{name}/rope_k")
-        v = b.op("Reshape", v, b.const([0, 0, Hkv, D]), name=f"{name}/v4")                                  # (B,S,Hkv,D)
+        v = b.op("Reshape", v, b.const([0, 0, Hkv, D]), name=f"{name}/v4")                                 # (B,S,Hkv,D)
         new_k = b.op("Identity", k, outputs=[f"new_key_{i}"], name=f"{name}/NewKey")
         new_v = b.op("Identity", v, outputs=[f"new_value_{i}"], name=f"{name}/NewValue")
         for kind in ("key", "value"):

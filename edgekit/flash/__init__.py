@@ -23,21 +23,32 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..errors import DeployFailed, DeviceError, DeviceMismatch, UserInputError
 from ..runtime.bundle import MANIFEST, Manifest, read_manifest, verify
 from ..units import fmt_bytes
 from . import releases as rel
-from .probe import DeviceInfo, DeviceState, check_device, check_space, parse_probe, PROBE_SCRIPT
 from .lock import acquire as lock_device
+from .probe import PROBE_SCRIPT, DeviceInfo, DeviceState, check_device, check_space, parse_probe
 from .releases import Release
 from .ssh import DEFAULT_PATH, DEFAULT_PYTHON, Device, Session, SessionGroup, parse_device
-from .transfer import SENT, FileAction, as_send, extras, finalize, hash_files, mismatches, plan_files, prepare, \
-    remove, send_file
+from .transfer import (
+    SENT,
+    FileAction,
+    as_send,
+    extras,
+    finalize,
+    hash_files,
+    mismatches,
+    plan_files,
+    prepare,
+    remove,
+    send_file,
+)
 
 __all__ = ["Device", "DeviceInfo", "FlashProgress", "FlashResult", "DeviceOutcome", "RollbackResult", "Release",
            "flash", "flash_many", "rollback", "rollback_many", "list_releases", "parse_device", "DEFAULT_PATH",

@@ -92,7 +92,7 @@ class DeviceLock:
                 pass
         self.session.finish(self.proc)
 
-    def __enter__(self) -> "DeviceLock":
+    def __enter__(self) -> DeviceLock:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,8 +21,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from ..errors import DeployFailed, DeviceError, DeviceUnreachable, UserInputError
 
@@ -162,13 +163,13 @@ class SessionGroup:
         self._lock = threading.Lock()
         self.reason: str | None = None
 
-    def add(self, session: "Session") -> None:
+    def add(self, session: Session) -> None:
         with self._lock:
             if self.reason is not None:
                 raise session.interrupted("connecting", self.reason)
             self._sessions.add(session)
 
-    def discard(self, session: "Session") -> None:
+    def discard(self, session: Session) -> None:
         with self._lock:
             self._sessions.discard(session)
 
@@ -208,7 +209,7 @@ class Session:
                  "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-o", "ClearAllForwardings=yes"]
         return argv + list(extra)
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         self.open()
         return self
 

@@ -25,9 +25,10 @@ import ctypes.util
 import importlib.metadata
 import importlib.util
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 # CUresult values the probe distinguishes (cuda.h).
 CUDA_SUCCESS = 0

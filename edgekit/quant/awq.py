@@ -20,8 +20,8 @@ The activations come from a float32 numpy forward pass over the calibration toke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -123,7 +123,8 @@ def compute_scales(reader, spec: ModelSpec, sequences: list[list[int]], *, bits:
             acts.append(g / (1 + np.exp(-g)) * (x @ wu.T))
         hs = [h + a @ wd.T for h, a in zip(hs, acts)]
 
-        sample = lambda parts: np.concatenate(parts)[pick]                          # noqa: E731
+        def sample(parts):
+            return np.concatenate(parts)[pick]
         s_qkv, a_qkv = _search(sample(x_attn), np.concatenate([wq, wk, wv]), bits, block_size)
         s_gu, a_gu = _search(sample(x_mlp), np.concatenate([wg, wu]), bits, block_size)
         s_down, a_down = _search(sample(acts), wd, bits, block_size)

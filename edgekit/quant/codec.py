@@ -31,14 +31,14 @@ writer use the same two functions, so a bundle is exactly as big as ``edgekit pl
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from onnx import TensorProto
 
-from .encodings import NBits, QDQ, to_nbits, to_qdq_int4, to_qdq_int8
-from .forms import HEAD_BLOCKS, Form, FormPolicy, form_bytes
+from .encodings import QDQ, NBits, to_nbits, to_qdq_int4, to_qdq_int8
+from .forms import Form, FormPolicy, form_bytes
 from .gguf_blocks import LOSSLESS, decode, nbits_from_gguf, qdq_int4_from_q4_0
 
 # MatMulNBits accuracy_level: 4 = activations quantized to int8 for the dot products (much faster on CPUs with
@@ -217,7 +217,7 @@ class QuantCodec(FormPolicy):
 
     def _ort_linear(self, b, x: str, name: str, weight, parts) -> str:
         parts = list(parts) or [(None, None)]
-        forms = [self.form_of("linear", self._qtype(c, l) if c else None, 0) for c, l in parts]
+        forms = [self.form_of("linear", self._qtype(c, n) if c else None, 0) for c, n in parts]
         if all(f.kind == "nbits" for f in forms):           # floats (or re-quantized types): one encoding
             w = _load(weight)
             enc = _rtn(w, self.bits, self.block_size)
@@ -269,7 +269,7 @@ class QuantCodec(FormPolicy):
         return self.raw_reader.tensor(canonical, layer)
 
     def _why(self, parts) -> str:
-        qtypes = {self._qtype(c, l) for c, l in parts if c}
+        qtypes = {self._qtype(c, n) for c, n in parts if c}
         qtypes.discard(None)
         kept = sorted(q for q in qtypes if q in LOSSLESS)
         if kept and self.lossless:

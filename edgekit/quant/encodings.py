@@ -69,7 +69,7 @@ class Factor:
         return self.base.nbytes + (0 if self.mult is None else self.mult.nbytes)
 
     @staticmethod
-    def concat(factors: "list[Factor]") -> "Factor":
+    def concat(factors: list[Factor]) -> Factor:
         """Stacked along N (rows); all with the same structure."""
         mults = [f.mult for f in factors]
         return Factor(np.concatenate([f.base for f in factors]),
@@ -144,7 +144,7 @@ class NBits:
         return w.reshape(self.n, -1)[:, :self.k]
 
     @staticmethod
-    def stack(encs: "list[NBits]") -> "NBits":
+    def stack(encs: list[NBits]) -> NBits:
         """Several weights with the same K, encoding and block size, stacked along N."""
         first = encs[0]
         if len(encs) == 1:
@@ -154,7 +154,7 @@ class NBits:
                      first.zero_point, None if first.offset is None else Factor.concat([e.offset for e in encs]),
                      first.offset_sign, first.offset_shift)
 
-    def same_form(self, other: "NBits") -> bool:
+    def same_form(self, other: NBits) -> bool:
         """Whether the two can be stacked into one MatMulNBits."""
         def shape(f):
             return None if f is None else (f.base.shape[1], None if f.mult is None else (f.mult.shape[1], f.mult.dtype))

@@ -56,7 +56,7 @@ class FormPolicy:
 
     @classmethod
     def of(cls, dialect: str, precision: str, *, block_size: int = 32, head_bits: int = 8, lossless: bool = True,
-           exact: bool = True) -> "FormPolicy":
+           exact: bool = True) -> FormPolicy:
         policy = cls()
         policy.dialect, policy.bits, policy.block_size = dialect, 4 if precision == "int4" else 8, block_size
         policy.head_bits, policy.lossless, policy.exact = head_bits, lossless, exact

@@ -44,7 +44,8 @@ def _f16(raw: np.ndarray, offset: int) -> np.ndarray:
 
 
 def _k4_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K: the 8 (scale, min) 6-bit pairs of each super-block, (N, nb, 8) uint8 each (llama.cpp's get_scale_min_k4)."""
+    """Q4_K: the 8 (scale, min) 6-bit pairs of each super-block, (N, nb, 8) uint8 each
+    (llama.cpp's get_scale_min_k4)."""
     s = raw[..., 4:16]                                                     # (N, nb, 12)
     sc = np.empty(s.shape[:-1] + (8,), np.uint8)
     mn = np.empty_like(sc)

@@ -22,8 +22,9 @@ Semantics during generation (enforced by the runtime, not here):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -43,28 +44,28 @@ class Text:
 
 @dataclass(frozen=True)
 class Seq:
-    parts: tuple["Part", ...]
+    parts: tuple[Part, ...]
 
-    def __init__(self, *parts: "Part"):
+    def __init__(self, *parts: Part):
         object.__setattr__(self, "parts", tuple(parts))
 
 
 @dataclass(frozen=True)
 class Choice:
-    parts: tuple["Part", ...]
+    parts: tuple[Part, ...]
 
-    def __init__(self, *parts: "Part"):
+    def __init__(self, *parts: Part):
         object.__setattr__(self, "parts", tuple(parts))
 
 
 @dataclass(frozen=True)
 class Repeat:
-    part: "Part"
+    part: Part
     min: int = 0
     max: int | None = None
 
 
-Part = Union[Json, Literal, Text, Seq, Choice, Repeat]
+Part = Json | Literal | Text | Seq | Choice | Repeat
 
 
 @dataclass(frozen=True)

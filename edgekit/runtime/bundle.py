@@ -21,10 +21,11 @@ import json
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .. import __version__
 from ..errors import BundleError
@@ -142,7 +143,7 @@ def file_table(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return table
 
 
-def bundle_id(manifest: "Manifest | dict[str, Any]") -> str:
+def bundle_id(manifest: Manifest | dict[str, Any]) -> str:
     """12 hex digits identifying the bundle's content: the sha256 of its files table in canonical JSON.
 
     Two bundles with the same files (names, sizes, hashes) have the same id whatever their manifest's
@@ -366,12 +367,13 @@ class Manifest:
 
     def spec(self):
         """The model section as an ``edgekit.spec.ModelSpec``."""
-        from ..spec import ModelSpec   # lazy: the spec module is only needed by callers that ask
+        from ..spec import ModelSpec  # lazy: the spec module is only needed by callers that ask
 
         try:
             return ModelSpec.from_dict(self.model)
         except (TypeError, ValueError) as e:
-            raise BundleError(f"manifest.json model section does not describe a model ({e}): rebuild the bundle") from None
+            raise BundleError(f"manifest.json model section does not describe a model ({e}): "
+                              "rebuild the bundle") from None
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.data)
@@ -402,7 +404,8 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise BundleError(f"{folder} has no {MANIFEST}: it is not an edgekit bundle (or the copy is incomplete)") from None
+        raise BundleError(f"{folder} has no {MANIFEST}: it is not an edgekit bundle "
+                          "(or the copy is incomplete)") from None
     except OSError as e:
         raise BundleError(f"cannot read {path}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):

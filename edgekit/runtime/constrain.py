@@ -244,7 +244,7 @@ def _first_line(message: str) -> str:
 
 
 _lock = threading.Lock()
-_vocabularies: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_vocabularies: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 def vocabulary(codec, vocab: int, eos_ids) -> _Vocabulary:

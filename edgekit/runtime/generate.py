@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
 from ..errors import GenerationError
 from .answer_format import AnswerFormat
-from .prefix import prefill_bounds, reuse as prefix_reuse
+from .prefix import prefill_bounds
+from .prefix import reuse as prefix_reuse
 from .reasoning import FORCED_CLOSE, ReasoningSplitter, StopMatcher
 from .sampling import Sampler, SamplingParams
 from .speculative import SpeculativeDecoder

@@ -18,7 +18,7 @@ the previous answer (short next to a system prompt) is prefilled again.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

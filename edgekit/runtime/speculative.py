@@ -69,7 +69,7 @@ class Speculation:
             raise UserInputError(f"invalid speculative draft {self.draft!r}: use 'ngram' or a draft bundle's path")
 
     @classmethod
-    def of(cls, value) -> "Speculation | None":
+    def of(cls, value) -> Speculation | None:
         """``load(speculative=...)``: None/False (off), True or "ngram", a bundle path, or a Speculation."""
         if value is None or value is False:
             return None

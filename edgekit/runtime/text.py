@@ -111,7 +111,7 @@ def _make_environment():
                 _check_format(left, b)
             return super().call_binop(context, operator, left, right)
 
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+        def call(__self, __context, __obj, *args, **kwargs):
             _check_call(__obj, args, kwargs)
             result = ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
             n = _length(result)
@@ -292,7 +292,7 @@ class TextCodec:
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def stream(self, *, skip_special_tokens: bool = True) -> "DeltaDecoder":
+    def stream(self, *, skip_special_tokens: bool = True) -> DeltaDecoder:
         return DeltaDecoder(self.tokenizer, skip_special_tokens)
 
 

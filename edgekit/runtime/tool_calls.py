@@ -75,7 +75,7 @@ class CallFormat:
         return self.render([ToolCall("", "<function name>", "<arguments as a JSON object>")]).replace(
             '"<function name>"', "<function name>")
 
-    def scan(self, text: str) -> tuple[list["Partial"], int | None]:
+    def scan(self, text: str) -> tuple[list[Partial], int | None]:
         """Calls in ``text`` (which starts at the trigger) so far, and where the calls ended (None: not yet)."""
         return (_scan_hermes if self is HERMES else _scan_deepseek)(text)
 

@@ -220,7 +220,7 @@ class TemplateSupport:
 
 
 _PROBE = "edgekit_probe"
-_support_cache: "weakref.WeakKeyDictionary[Any, TemplateSupport]" = weakref.WeakKeyDictionary()
+_support_cache: weakref.WeakKeyDictionary[Any, TemplateSupport] = weakref.WeakKeyDictionary()
 
 
 def template_support(codec) -> TemplateSupport:

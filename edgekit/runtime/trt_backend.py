@@ -112,12 +112,12 @@ class CudaRuntime:
         self.rt = cudart
 
     @classmethod
-    def load(cls) -> "CudaRuntime":
+    def load(cls) -> CudaRuntime:
         try:
-            from cuda.bindings import runtime as cudart      # cuda-python >= 12.6 (cuda-bindings)
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6 (cuda-bindings)
         except ImportError:
             try:
-                from cuda import cudart                       # older cuda-python
+                from cuda import cudart  # older cuda-python
             except ImportError:
                 raise BackendUnavailable("the TensorRT backend needs cuda-python: pip install cuda-python "
                                          "(or use the onnxruntime-cpu backend: --backend onnxruntime-cpu)") from None

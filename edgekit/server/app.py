@@ -236,7 +236,7 @@ async def admit(request: Request, parse: Callable[[dict], Any]) -> Job:
     except FormatUnavailable as e:
         raise ApiError(501, str(e), type="server_error", code="structured_output_unavailable") from None
     finally:
-        del raw
+        raw = None   # the body is parsed: let it go before waiting for the slot
     n = len(prepared.prompt_ids)
     if n >= model.max_context:
         raise _too_long(model, f"{n} tokens")

@@ -139,8 +139,8 @@ class ServerMetrics:
         self.model_memory = Gauge("edgekit_model_memory_bytes",
                                   "Memory the loaded bundle was planned to need (weights + KV cache + workspace).")
         self._all = (self.requests, self.completions, self.prompt_tokens, self.cached_tokens, self.prefilled_tokens,
-                     self.completion_tokens,
-                     self.reasoning_tokens, self.draft_tokens, self.accepted_tokens, self.ttft, self.queue_wait, self.decode_speed, self.duration,
+                     self.completion_tokens, self.reasoning_tokens, self.draft_tokens, self.accepted_tokens,
+                     self.ttft, self.queue_wait, self.decode_speed, self.duration,
                      self.queue_depth, self.queue_capacity, self.active, self.loaded, self.context,
                      self.model_memory)
 

@@ -33,10 +33,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
-from .jobs import _END, _SHUT_DOWN, ChatResponse, _failure
 from ..runtime.answer_format import AnswerFormat, json_answer
-from .schemas import (ApiError, ChatParams, _bool, _float, _int, _json_type, _messages, _show, _stop, _utf8, bad,
-                      parse_tools_fields)
+from .jobs import _END, _SHUT_DOWN, ChatResponse, _failure
+from .schemas import (
+    ApiError,
+    ChatParams,
+    _bool,
+    _float,
+    _int,
+    _json_type,
+    _messages,
+    _show,
+    _stop,
+    _utf8,
+    bad,
+    parse_tools_fields,
+)
 
 _NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache"),
            (b"x-accel-buffering", b"no")]
@@ -373,7 +385,7 @@ def _loaded_only(body: dict, chat: bool) -> bool:
 
 
 async def _generating(request: Request, parse) -> Response:
-    from .app import admit   # app imports this module for its routes
+    from .app import admit  # app imports this module for its routes
 
     state = request.app.state.server
     model = state.require_model()

@@ -29,9 +29,9 @@ from ..architectures import GGUF_WEIGHT_NAMES, Architecture, layer_name, lookup_
 from ..errors import ModelFormatError, UnsupportedQuantType
 from ..spec import ModelSpec, spec_from_fields
 from . import gguf_tokenizer
+from .gguf_header import FILE_TYPES, SUPPORTED_QUANT_TYPES, GGUFHeader, LazyArray, TensorInfo, read_header
 from .gguf_header import FIX as _FIX
 from .gguf_header import MAGIC as _MAGIC
-from .gguf_header import FILE_TYPES, SUPPORTED_QUANT_TYPES, GGUFHeader, LazyArray, TensorInfo, read_header
 
 __all__ = ["SUPPORTED_QUANT_TYPES", "GGUFHeader", "GGUFReader", "TensorInfo", "read_header", "spec_from_gguf",
            "unpermute_qk"]
@@ -72,9 +72,8 @@ class GGUFReader:
 
     def tensor(self, canonical: str, layer: int | None = None) -> np.ndarray:
         """float32, (out_features, in_features) for linear weights, a fresh writable array."""
-        from gguf.quants import dequantize
-
         from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize
 
         template, name = self._name(canonical, layer)
         t = self._get(name)
@@ -155,7 +154,7 @@ class GGUFReader:
         self._map = None
         self._tensors = None
 
-    def __enter__(self) -> "GGUFReader":
+    def __enter__(self) -> GGUFReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
