@@ -79,7 +79,7 @@ class EdgekitEngine:
                 return r.ttft_ms, r.decode_tok_s, r.tokens
 
     def logits(self, ids, start):
-        from edgekit.evaluate import bundle_logits
+        from edgekit.build.evaluate import bundle_logits
 
         return bundle_logits(self.model.decoder, ids, self.model.manifest.graph.get("logits") == "all", start)
 
@@ -182,7 +182,7 @@ def worker_speed(s: dict) -> dict:
 def worker_fidelity(s: dict) -> dict:
     import numpy as np
 
-    from edgekit.evaluate import FidelityStats
+    from edgekit.build.evaluate import FidelityStats
 
     text = json.loads((Path(s["text"]) / "tokens.json").read_text())
     kw = {"logits_all": True} if s["peer"] == "llama.cpp" else {}
@@ -196,14 +196,14 @@ def worker_fidelity(s: dict) -> dict:
 
 
 class TransformersReference:
-    """transformers' fp32 model of the GGUF, with what ``edgekit.evaluate.reference_text`` needs: ``codec``,
+    """transformers' fp32 model of the GGUF, with what ``edgekit.build.evaluate.reference_text`` needs: ``codec``,
     ``context``, ``generate`` (greedy, keeps a final EOS) and ``logits`` (teacher-forced, (S, V))."""
 
     def __init__(self, gguf: str, context: int, threads: int):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from edgekit.calibration import codec_from_reader
+        from edgekit.build.calibration import codec_from_reader
         from edgekit.sources import open_weights, resolve
 
         torch.set_num_threads(threads)
@@ -235,7 +235,7 @@ class TransformersReference:
 def worker_reference(s: dict) -> dict:
     import numpy as np
 
-    from edgekit.evaluate import reference_text
+    from edgekit.build.evaluate import reference_text
 
     out = Path(s["out"])
     ref = TransformersReference(s["model"], s["context"], s["threads"])
@@ -249,7 +249,7 @@ def worker_reference(s: dict) -> dict:
 
 def worker_build(s: dict) -> dict:
     from edgekit.build import build
-    from edgekit.target import load_target
+    from edgekit.build.target import load_target
 
     m = build(s["model"], load_target("cpu"), output=Path(s["out"]), precision=s["precision"],
               context=s["context"], force=True).manifest

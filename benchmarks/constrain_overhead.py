@@ -225,11 +225,11 @@ def part1(work: Path, rounds: int) -> None:
 # ----- part 2: edgekit's overhead on a real generation ------------------------------------------------------
 def part2(work: Path, rounds: int, precision: str) -> None:
     from edgekit.build import build
+    from edgekit.build.target import load_target
     from edgekit.runtime import constrain
     from edgekit.runtime.answer_format import json_answer
     from edgekit.runtime.model import load
     from edgekit.sources import packaged_model_path
-    from edgekit.target import load_target
 
     bundle = work / f"smollm2-{precision}"
     if not (bundle / "manifest.json").exists():

@@ -40,7 +40,7 @@ PROMPTS = [
 
 def build(work: Path, precision: str, gguf: Path) -> Path:
     from edgekit.build import build as build_bundle
-    from edgekit.target import load_target
+    from edgekit.build.target import load_target
 
     out = work / f"smollm2-{precision}"
     if not (out / "manifest.json").exists():

@@ -35,7 +35,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 def _build(source, out: Path, **kw) -> Path:
     from edgekit.build import build
-    from edgekit.target import load_target
+    from edgekit.build.target import load_target
 
     target = load_target(kw.pop("target", "cpu"))
     return build(source, target, output=out, **kw).bundle

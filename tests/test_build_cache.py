@@ -9,8 +9,8 @@ import os
 import pytest
 
 from edgekit.build import build
+from edgekit.build.target import load_target
 from edgekit.runtime.bundle import verify
-from edgekit.target import load_target
 
 
 def test_second_target_reuses_the_export(tiny_llama_dir, tmp_path):

@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from edgekit import __version__
+from edgekit.build.staging import staged_output
 from edgekit.cli import cli
 from edgekit.errors import BundleError, OutputError
 from edgekit.runtime import bundle as B
 from edgekit.spec import spec_from_fields
-from edgekit.staging import staged_output
 
 SPEC = spec_from_fields(
     architecture="LlamaForCausalLM", family="llama", vocab_size=512, hidden_size=64, intermediate_size=128,

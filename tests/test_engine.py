@@ -19,10 +19,12 @@ sys.path.insert(0, str(Path(__file__).parent / "gpu"))
 
 import standin
 
+from edgekit.build.memory_plan import plan as memory_plan
+from edgekit.build.target import load_target
 from edgekit.cli import cli
 from edgekit.engine import builder as eb
 from edgekit.engine import compat
-from edgekit.engine.plan import (
+from edgekit.engine.engine_plan import (
     POOL_CAP,
     build_profiles,
     contract_io,
@@ -33,12 +35,10 @@ from edgekit.engine.plan import (
 )
 from edgekit.errors import BackendUnavailable, BudgetExceeded, BundleError, DoesNotFit, GenerationError, GpuStepFailed
 from edgekit.gpu import probe as gp
-from edgekit.plan import plan as memory_plan
 from edgekit.runtime.bundle import hash_file, read_manifest, verify, write_manifest
 from edgekit.runtime.ort_backend import OrtDecoder
 from edgekit.runtime.trt_backend import KvLayout, TrtDecoder, open_engine_decoder, plan_step
 from edgekit.spec import ModelSpec
-from edgekit.target import load_target
 from edgekit.units import GiB, MiB
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -470,7 +470,7 @@ def test_selftest_plumbing_with_standins():
 
 def test_nothing_imports_tensorrt_or_cuda_at_import_time():
     code = ("import sys, edgekit.runtime.model, edgekit.runtime.trt_backend, edgekit.engine.builder, "
-            "edgekit.engine.plan, edgekit.engine.compat, edgekit.gpu, edgekit.cli; "
+            "edgekit.engine.engine_plan, edgekit.engine.compat, edgekit.gpu, edgekit.cli; "
             "bad = [m for m in ('tensorrt', 'cuda', 'pycuda', 'onnx', 'torch') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

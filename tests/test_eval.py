@@ -9,16 +9,22 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgekit.calibration import calibration_token_batches, encode_prompt, load_calibration, load_samples, render_sample
+from edgekit.build.calibration import (
+    calibration_token_batches,
+    encode_prompt,
+    load_calibration,
+    load_samples,
+    render_sample,
+)
+from edgekit.build.evaluate import FidelityStats, evaluate
 from edgekit.errors import UserInputError
-from edgekit.evaluate import FidelityStats, evaluate
 
 
 @pytest.fixture(scope="module")
 def fp32_bundle(tiny_qwen2_dir, tmp_path_factory):
     """The tiny Qwen2 at fp32: the same weights as its source folder."""
     from edgekit.build import build
-    from edgekit.target import load_target
+    from edgekit.build.target import load_target
 
     out = tmp_path_factory.mktemp("eval") / "tiny-fp32"
     return build(tiny_qwen2_dir, load_target("cpu"), output=out, precision="fp32", context=256).bundle
@@ -40,7 +46,7 @@ def work_dir(tmp_path_factory):
 
 
 def _codec(folder):
-    from edgekit.calibration import codec_from_reader
+    from edgekit.build.calibration import codec_from_reader
     from edgekit.sources import open_weights, resolve
 
     return codec_from_reader(open_weights(resolve(folder)))

@@ -17,15 +17,15 @@ import pytest
 from click.testing import CliRunner
 from r1_gguf import LAYOUT_BYTES
 
+from edgekit.build.memory_plan import plan
+from edgekit.build.target import load_target
 from edgekit.cli import cli
-from edgekit.plan import plan
 from edgekit.runtime.reasoning import ReasoningSplitter, prompt_opens_thinking
 from edgekit.runtime.text import TextCodec
 from edgekit.sources import resolve
 from edgekit.sources.gguf import GGUFReader, spec_from_gguf
 from edgekit.sources.gguf_header import read_header
 from edgekit.spec import ModelSpec
-from edgekit.target import load_target
 
 HF_CONFIG = "tests/fixtures/configs/DeepSeek-R1-Distill-Qwen-7B/config.json"
 BOS, EOS, USER, ASSISTANT, THINK, END_THINK, PAD = 151646, 151643, 151644, 151645, 151648, 151649, 151654

@@ -8,9 +8,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from edgekit.build.target import list_targets
 from edgekit.cli import cli
 from edgekit.gpu import probe as gp
-from edgekit.target import list_targets
 
 
 class FakeLibcuda:

@@ -16,7 +16,7 @@ EDGEKIT = [sys.executable, "-m", "edgekit.cli"]
 @pytest.fixture(scope="module")
 def int8_kv_bundle(tiny_qwen2_dir, tmp_path_factory):
     from edgekit.build import QuantOptions, build
-    from edgekit.target import load_target
+    from edgekit.build.target import load_target
 
     return build(tiny_qwen2_dir, load_target("cpu"), output=tmp_path_factory.mktemp("bundles") / "tiny-int8kv",
                  context=256, precision="fp32", quant=QuantOptions(kv_cache="int8")).bundle
@@ -33,9 +33,9 @@ def test_int8_kv_graph_manifest_and_plan_agree(int8_kv_bundle):
     assert {v.type.tensor_type.elem_type for v in past} == {onnx.TensorProto.INT8}
     assert m.graph["kv_dtype"] == "int8"
     assert m.memory["kv_bytes_per_token"] == 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
-    from edgekit.plan import plan
+    from edgekit.build.memory_plan import plan
+    from edgekit.build.target import load_target
     from edgekit.quant.sizes import QuantSettings
-    from edgekit.target import load_target
 
     p = plan(spec, load_target("cpu"), precision="fp32", context=256, quant=QuantSettings(kv_cache="int8"))
     assert p.kv_dtype == "int8" and p.kv_bytes_per_token == m.memory["kv_bytes_per_token"]
@@ -75,8 +75,8 @@ def test_int8_cache_holds_the_float_cache_rounded_to_its_scales(int8_kv_bundle, 
 
 def test_int8_kv_cache_refused_for_tensorrt_and_unknown_names(tiny_qwen2_dir):
     from edgekit.build import QuantOptions, preflight
+    from edgekit.build.target import load_target
     from edgekit.errors import UserInputError
-    from edgekit.target import load_target
 
     with pytest.raises(UserInputError, match="an int8 KV cache needs the onnxruntime graph.*--backend onnxruntime-cpu"):
         preflight(tiny_qwen2_dir, load_target("orin-nano"), precision="fp16", context=256,
@@ -111,8 +111,8 @@ def test_bench_filled_json(tiny_bundle):
 
 
 def test_bench_filled_fills_by_prefill_and_leaves_no_rows(tiny_bundle):
-    from edgekit.bench import filled_decode
     from edgekit.errors import UserInputError
+    from edgekit.runtime.bench import filled_decode
     from edgekit.runtime.model import load
 
     model = load(tiny_bundle)

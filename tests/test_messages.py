@@ -48,7 +48,7 @@ def test_sizes_are_parsed_exactly(text, value):
 
 
 def test_engine_on_a_cpu_bundle_suggests_a_build_that_exists(tiny_bundle):
-    from edgekit.target import check_combination, load_target
+    from edgekit.build.target import check_combination, load_target
 
     r = CliRunner().invoke(cli, ["engine", str(tiny_bundle)])
     assert r.exit_code == 2

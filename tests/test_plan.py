@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from edgekit.build.memory_plan import plan
+from edgekit.build.precision import POLICIES, WeightFormat, policy, weight_bytes
+from edgekit.build.target import load_target
 from edgekit.cli import cli
 from edgekit.errors import UserInputError
-from edgekit.plan import plan
-from edgekit.precision import POLICIES, WeightFormat, policy, weight_bytes
 from edgekit.spec import ModelSpec
-from edgekit.target import load_target
 from edgekit.units import GiB, MiB
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"

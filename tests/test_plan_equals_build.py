@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgekit.build import QuantOptions, build
-from edgekit.target import load_target
+from edgekit.build.target import load_target
 
 CONTEXT = 128
 # (target, backend): the three graph flavours: ort fp32 (CPU), ort fp16 (CUDA), tensorrt fp16

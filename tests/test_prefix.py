@@ -15,13 +15,13 @@ sys.path.insert(0, str(Path(__file__).parent / "gpu"))
 import standin
 
 from edgekit.build import QuantOptions, build
+from edgekit.build.target import load_target
 from edgekit.engine import builder as eb
 from edgekit.runtime.generate import GenerationRequest, run
 from edgekit.runtime.model import load
 from edgekit.runtime.prefix import common_prefix, prefill_bounds
 from edgekit.runtime.sampling import SamplingParams
 from edgekit.runtime.trt_backend import open_engine_decoder
-from edgekit.target import load_target
 
 NEW = 6
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from edgekit.build import QuantOptions, build
+from edgekit.build.target import load_target
 from edgekit.export import GraphOptions, export_onnx
 from edgekit.quant.codec import QuantCodec
 from edgekit.runtime.ort_backend import OrtDecoder
 from edgekit.sources import open_weights, resolve
-from edgekit.target import load_target
 
 CONTEXT = 64
 
@@ -106,7 +106,7 @@ def test_block_size_that_does_not_divide_k_is_refused_before_work(tiny_qwen2_dir
 
 
 def test_awq_beats_round_to_nearest(tiny_qwen2_dir, tmp_path):
-    from edgekit.evaluate import evaluate
+    from edgekit.build.evaluate import evaluate
 
     scores = {}
     for method in ("rtn", "awq"):

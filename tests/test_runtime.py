@@ -190,7 +190,7 @@ def test_bundle_for_tensorrt_is_refused_on_auto(tiny_bundle, copy_bundle):
 
 
 def test_memory_stays_flat_over_1000_generations(model):
-    from edgekit.bench import rss_mib
+    from edgekit.runtime.bench import rss_mib
 
     for _ in range(50):  # warm up allocator arenas
         model.generate(messages=HELLO, max_new_tokens=4, temperature=0.8, seed=1)

@@ -28,7 +28,7 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER,
 def smol4k(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M with a 4096-token context: Home Assistant's prompt with its tools is ~1,700 tokens."""
     from edgekit.build import build
-    from edgekit.target import load_target
+    from edgekit.build.target import load_target
 
     return build(smollm2_gguf, load_target("cpu"), output=tmp_path_factory.mktemp("bundles") / "smollm2-4k",
                  context=4096, precision="fp32").bundle

@@ -297,7 +297,7 @@ def smol_int4(smollm2_gguf, tmp_path_factory):
     """SmolLM2 INT4 at both MatMulNBits accuracy levels (a tiny random model shows no kernel difference at
     level 4: the real weights and shapes do)."""
     from edgekit.build import QuantOptions, build
-    from edgekit.target import load_target
+    from edgekit.build.target import load_target
 
     folder = tmp_path_factory.mktemp("spec-int4")
     return {level: load(build(smollm2_gguf, load_target("cpu"), output=folder / f"acc{level}", context=256,

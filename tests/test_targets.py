@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from edgekit.build.target import BACKENDS, Target, check_combination, list_targets, load_target, parse_target
 from edgekit.cli import cli
 from edgekit.errors import UnknownTarget, UnsupportedPrecision, UserInputError
-from edgekit.target import BACKENDS, Target, check_combination, list_targets, load_target, parse_target
 from edgekit.units import GiB, MiB
 
 NAMES = ["orin-nano-4gb", "orin-nano-8gb", "orin-nano-super", "orin-nx-8gb", "orin-nx-16gb", "agx-orin-32gb",

@@ -240,8 +240,8 @@ def tiny_r1_bundle(r1_gguf, tmp_path_factory):
     from tiny_models import make_tiny
 
     from edgekit.build import build
+    from edgekit.build.target import load_target
     from edgekit.sources.gguf import GGUFReader
-    from edgekit.target import load_target
 
     with GGUFReader(r1_gguf) as r:
         template = r.chat_template()

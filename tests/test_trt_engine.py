@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent / "gpu"))
 import standin
 
 from edgekit.build import QuantOptions, build
+from edgekit.build.target import load_target
 from edgekit.cli import cli
 from edgekit.engine import builder as eb
 from edgekit.errors import GpuStepFailed
@@ -26,7 +27,6 @@ from edgekit.gpu import probe as gp
 from edgekit.runtime.bundle import read_manifest, write_manifest
 from edgekit.runtime.model import Model
 from edgekit.runtime.trt_backend import TrtDecoder, open_engine_decoder
-from edgekit.target import load_target
 
 CONTEXT = 64
 

@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.build import QuantOptions, build
+from edgekit.build.target import load_target
 from edgekit.errors import BundleError
 from edgekit.export import GraphOptions, export_onnx
 from edgekit.export.trt_check import check_tensorrt_graph, require_tensorrt_graph
@@ -22,7 +23,6 @@ from edgekit.quant.codec import QuantCodec
 from edgekit.quant.encodings import to_qdq_int4, to_qdq_int8
 from edgekit.runtime.ort_backend import OrtDecoder
 from edgekit.sources import open_weights, resolve
-from edgekit.target import load_target
 
 CONTEXT = 64
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")

@@ -122,7 +122,7 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
               kv_cache: str, no_cache: bool, eval_tokens: int | None) -> None:
     """Build MODEL (a folder, a .gguf file, a hub id or `smollm2`) into a bundle for a target."""
     from ..build import QuantOptions, build, preflight
-    from ..target import check_combination, load_target
+    from ..build.target import check_combination, load_target
 
     target = load_target(target_name)
     if precision:
@@ -130,7 +130,7 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
         check_combination(target, backend, precision)
     context = _parse_context(context_text)
     if calibration is not None:
-        from ..calibration import load_samples
+        from ..build.calibration import load_samples
 
         load_samples(calibration)             # a bad file fails now, not after minutes of work
     quant = QuantOptions(block_size=int(block_size), method=method, calibration=calibration,

@@ -27,7 +27,7 @@ from . import cli, echo_json
 def eval_cmd(bundle: Path, reference: str, text: Path | None, max_tokens: int, threads: int | None, backend: str,
              work_dir: Path | None, as_json: bool) -> None:
     """Compare BUNDLE with its reference on the same tokens: top-1 agreement, KL divergence, perplexity."""
-    from ..evaluate import GENERATED, evaluate
+    from ..build.evaluate import GENERATED, evaluate
     from .build_cmd import _Progress
 
     with _Progress() as progress:

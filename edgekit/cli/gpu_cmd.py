@@ -68,8 +68,8 @@ def _doctor_lines(report, support, engine_targets) -> list[tuple[str, str]]:
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object.")
 def doctor_cmd(as_json: bool) -> None:
     """What this machine can run: GPU driver and devices, Jetson release, TensorRT, onnxruntime, memory."""
+    from ..build.target import list_targets
     from ..gpu.probe import backend_support, engine_targets, machine_report
-    from ..target import list_targets
 
     report = machine_report()
     support = backend_support(report)
@@ -138,10 +138,10 @@ def engine_cmd(bundle: str, dry_run: bool, timing_cache: str | None, as_json: bo
     Run it on the device (or one with the same GPU and TensorRT): engines are not portable across GPU
     architectures or TensorRT versions.
     """
+    from ..build.target import list_targets
     from ..engine.builder import build_bundle_engine, bundle_plan, check_bundle_graph, import_tensorrt
     from ..engine.compat import check_build
     from ..gpu.probe import probe_driver
-    from ..target import list_targets
 
     manifest, target, plan = bundle_plan(bundle)
     report = check_bundle_graph(manifest, target)      # TensorRT's parser rules, before any TensorRT call

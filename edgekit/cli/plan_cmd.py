@@ -16,7 +16,7 @@ DEFAULT_CONTEXT = 4096
 @click.option("--json", "as_json", is_flag=True, help="Print the targets as a JSON list.")
 def targets_cmd(as_json: bool) -> None:
     """List the device targets edgekit can plan and build for."""
-    from ..target import list_targets
+    from ..build.target import list_targets
 
     targets = list_targets()
     if as_json:
@@ -52,9 +52,9 @@ def plan_cmd(ctx: click.Context, model: str, target_name: str, precision: str, c
              backend: str | None, budget_text: str | None, kv_cache: str, as_json: bool) -> None:
     """Will MODEL fit the target's memory? MODEL is a folder with config.json, a .gguf file, a hub id or
     `smollm2`. Exits 0 when it fits, 3 when it does not, 2 on bad input."""
-    from ..plan import plan
+    from ..build.memory_plan import plan
+    from ..build.target import check_combination, load_target
     from ..sources import resolve
-    from ..target import check_combination, load_target
 
     target = load_target(target_name)
     precision = precision.strip().lower()

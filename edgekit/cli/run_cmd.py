@@ -200,8 +200,8 @@ def _lengths(text: str, option: str, example: str) -> list[int]:
 def bench_cmd(bundle, memory_budget, max_context, backend, threads, prompt_tokens, new_tokens, runs, ignore_eos,
               shared_prefix, filled, as_json, **kw):
     """Time to first token, decode tok/s and peak memory for BUNDLE (medians over --runs)."""
-    from ..bench import bench, filled_decode
-    from ..bench import shared_prefix as shared_prefix_case
+    from ..runtime.bench import bench, filled_decode
+    from ..runtime.bench import shared_prefix as shared_prefix_case
 
     if filled is not None:
         lengths = _lengths(filled, "--filled", "64,512,1024,4096")

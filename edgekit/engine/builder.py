@@ -1,4 +1,4 @@
-"""The adapter that calls TensorRT to build an engine, following an :class:`~edgekit.engine.plan.EnginePlan`.
+"""The adapter that calls TensorRT to build an engine, following an :class:`~edgekit.engine.engine_plan.EnginePlan`.
 
 The ``tensorrt`` module is a parameter (``trt``), never imported at module level: tests pass a recording
 stand-in that checks the calls against the TensorRT 10 Python API, and the CLI imports the real module
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, BundleError, GpuStepFailed
-from .plan import EnginePlan
+from .engine_plan import EnginePlan
 
 Progress = Callable[[str, int, int], None]    # (phase, steps done, steps in the phase)
 
@@ -219,9 +219,9 @@ def check_bundle_graph(manifest, target) -> Any:
 
 def bundle_plan(bundle: str | os.PathLike) -> tuple[Any, Any, EnginePlan]:
     """(manifest, target, plan) of a bundle, reading nothing but its manifest (``--dry-run``)."""
+    from ..build.target import load_target
     from ..runtime.bundle import read_manifest
-    from ..target import load_target
-    from .plan import plan_for_manifest
+    from .engine_plan import plan_for_manifest
 
     manifest = read_manifest(bundle)
     target = load_target(str(manifest.target["name"]))
@@ -237,10 +237,10 @@ def build_bundle_engine(bundle: str | os.PathLike, *, trt, probe, timing_cache: 
     -> build (engine and timing cache beside the graph) -> rewrite manifest.json with the ``engine``
     section. Returns (the manifest as written, the outcome).
     """
+    from ..build.target import list_targets
     from ..runtime.bundle import verify, write_manifest
-    from ..target import list_targets
     from .compat import check_build, check_tensorrt_version
-    from .plan import engine_section
+    from .engine_plan import engine_section
 
     manifest, target, plan = bundle_plan(bundle)
     here = {d.sm for d in probe.devices}

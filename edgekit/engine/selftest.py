@@ -90,7 +90,7 @@ class SelftestResult:
 
 def _selftest_target(device) -> Any:
     """A GPU target with this device's compute capability (the plan needs one; the pool is fixed)."""
-    from ..target import Backend, Target
+    from ..build.target import Backend, Target
 
     return Target(name=f"this-gpu-sm{device.sm.replace('.', '')}", aliases=(), description=device.name,
                   kind="desktop-gpu", total_memory_bytes=max(device.total_memory_bytes, 1),
@@ -127,7 +127,7 @@ def run_selftest(*, probe=None, trt=None, cuda=None, workdir: str | Path | None 
     from ..runtime.ort_backend import OrtDecoder
     from ..runtime.trt_backend import CudaRuntime, TrtDecoder
     from .builder import build_engine
-    from .plan import engine_plan
+    from .engine_plan import engine_plan
 
     spec = tiny_spec()
     with tempfile.TemporaryDirectory(prefix="edgekit-selftest-", dir=workdir) as tmp:

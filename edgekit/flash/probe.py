@@ -247,8 +247,8 @@ def _major(version: str | None) -> int | None:
 
 def _target_software(name: str) -> dict[str, str] | None:
     """The packaged target's software versions (jetpack, tensorrt, ...), None for a target this edgekit lacks."""
+    from ..build.target import load_target
     from ..errors import EdgekitError
-    from ..target import load_target
 
     try:
         return dict(load_target(name).software)

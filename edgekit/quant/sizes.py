@@ -41,8 +41,8 @@ def tensor_types(spec: ModelSpec) -> dict[str, str]:
 
 def build_weight_bytes(spec: ModelSpec, *, dialect: str, precision: str, graph_float: str, context: int,
                        quant: QuantSettings | None = None):
-    """:class:`edgekit.precision.WeightBytes` of the bundle ``edgekit build`` writes for these settings."""
-    from ..precision import WeightBytes
+    """:class:`edgekit.build.precision.WeightBytes` of the bundle ``edgekit build`` writes for these settings."""
+    from ..build.precision import WeightBytes
     from .forms import FormPolicy, form_bytes
 
     quant = quant or QuantSettings()

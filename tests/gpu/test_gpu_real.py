@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgekit.build.target import list_targets
 from edgekit.gpu.probe import probe_driver
-from edgekit.target import list_targets
 
 
 def _target_for_this_gpu():

@@ -18,17 +18,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import __version__
-from .errors import DoesNotFit, UserInputError
-from .export import ExportResult, GraphOptions, export_onnx
-from .export.decoder import GRAPH_REVISION
-from .plan import Plan, plan
-from .quant.sizes import BUILDABLE, DIALECT_OF_BACKEND
-from .runtime.bundle import SCHEMA, write_manifest
-from .sources import ModelSource, open_weights, resolve
+from .. import __version__
+from ..errors import DoesNotFit, UserInputError
+from ..export import ExportResult, GraphOptions, export_onnx
+from ..export.decoder import GRAPH_REVISION
+from ..quant.sizes import BUILDABLE, DIALECT_OF_BACKEND
+from ..runtime.bundle import SCHEMA, write_manifest
+from ..sources import ModelSource, open_weights, resolve
+from ..units import fmt_bytes
+from .memory_plan import Plan, plan
 from .staging import staged_output
 from .target import Target
-from .units import fmt_bytes
 
 # What the graph builder writes: dense floats, or INT8/INT4 weights through a quantizing codec.
 QUANTIZED = ("int8", "int4")
@@ -81,7 +81,7 @@ class QuantOptions:
 
     def settings(self):
         """What of these options changes the stored bytes (the planner's view)."""
-        from .quant.sizes import QuantSettings
+        from ..quant.sizes import QuantSettings
 
         return QuantSettings(block_size=self.block_size, head_bits=self.head_bits, lossless=self.lossless,
                              exact=self.exact, kv_cache=self.kv_cache)
@@ -89,7 +89,7 @@ class QuantOptions:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserInputError(f"unknown quantization method {self.method!r}: use one of {', '.join(METHODS)}")
-        from .export.kv_int8 import KV_CACHE_CHOICES
+        from ..export.kv_int8 import KV_CACHE_CHOICES
 
         if self.kv_cache not in KV_CACHE_CHOICES:
             raise UserInputError(f"unknown KV cache type {self.kv_cache!r}: use one of {', '.join(KV_CACHE_CHOICES)}")
@@ -138,7 +138,7 @@ def preflight(model: str | Path | ModelSource, target: Target, *, precision: str
                 f"INT4 block size {quant.block_size} does not divide the input size {uneven[0]} of "
                 f"{spec.name or 'this model'}'s linear layers, which TensorRT requires: use --block-size {fitting}")
     if quant.kv_cache != "float":
-        from .export.kv_int8 import check_kv_cache
+        from ..export.kv_int8 import check_kv_cache
 
         check_kv_cache(quant.kv_cache, dialect)
     graph_float = "fp32" if the_plan.compute_dtype == "fp32" else "fp16"
@@ -155,9 +155,9 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
     Refuses before any heavy work when the plan does not fit (``force`` builds anyway) or when the
     precision/backend cannot run on the target. Raises EdgekitError subclasses with one-line messages.
     ``model`` may be the result of :func:`preflight` (then the other planning arguments are ignored).
-    ``cache_dir``: reuse (and keep) exported graphs there (:mod:`edgekit.export_cache`).
+    ``cache_dir``: reuse (and keep) exported graphs there (:mod:`edgekit.export.cache`).
     ``eval_tokens``: score the new bundle against its own full-precision source on that many tokens
-    (:func:`edgekit.evaluate.evaluate`) and record the figures in the manifest's ``fidelity`` section.
+    (:func:`edgekit.build.evaluate.evaluate`) and record the figures in the manifest's ``fidelity`` section.
     """
     bp = model if isinstance(model, BuildPlan) else preflight(
         model, target, precision=precision, context=context, backend=backend, force=force, logits=logits,
@@ -170,7 +170,7 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
     try:
         key = None
         if cache_dir is not None:
-            from .export_cache import cache_key
+            from ..export.cache import cache_key
 
             key = cache_key(reader.fingerprint(), options=options, precision=precision, quant=quant,
                             graph=GRAPH_REVISION)
@@ -180,7 +180,7 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
             if quant.kv_cache == "int8":
                 _int8_kv_cache(reader, spec, tmp / exported.model_file, options, quant, the_plan, progress)
             if options.dialect == "tensorrt":     # TensorRT's parser rules, before anything is packaged
-                from .export.trt_check import require_tensorrt_graph
+                from ..export.trt_check import require_tensorrt_graph
 
                 require_tensorrt_graph(tmp / exported.model_file, spec,
                                        tensorrt=dict(target.software).get("tensorrt"),
@@ -216,7 +216,7 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
 def _export(reader, source, tmp: Path, options: GraphOptions, precision: str, quant: QuantOptions,
             progress: Progress | None, cache_dir: Path | None, key: str | None, total_bytes: int | None = None):
     """The graph (from the cache when an identical export exists) and the manifest's quantization section."""
-    from . import export_cache
+    from ..export import cache as export_cache
 
     if key is not None:
         meta = export_cache.restore(cache_dir, key, tmp,
@@ -241,7 +241,7 @@ def _export(reader, source, tmp: Path, options: GraphOptions, precision: str, qu
 def _codec(precision: str, options: GraphOptions, quant: QuantOptions, reader):
     if precision not in QUANTIZED:
         return None
-    from .quant.codec import DEFAULT_ACCURACY_LEVEL, QuantCodec
+    from ..quant.codec import DEFAULT_ACCURACY_LEVEL, QuantCodec
 
     dtype = "float32" if options.precision == "fp32" else "float16"
     # An explicit level applies to every MatMulNBits (0 = exact fp32 compute, slow for the 8-bit LM head).
@@ -254,8 +254,8 @@ def _codec(precision: str, options: GraphOptions, quant: QuantOptions, reader):
 def _int8_kv_cache(reader, spec, graph: Path, options: GraphOptions, quant: QuantOptions, the_plan: Plan,
                    progress: Progress | None) -> None:
     """Calibrate per-channel K/V scales on the float graph just written, then switch it to an int8 cache."""
+    from ..export.kv_int8 import calibrate, to_int8_cache
     from .calibration import calibration_token_batches, codec_from_reader
-    from .export.kv_int8 import calibrate, to_int8_cache
 
     sequences = calibration_token_batches(codec_from_reader(reader), quant.calibration, max_tokens=256,
                                           total_tokens=quant.calibration_tokens)
@@ -272,8 +272,8 @@ def _uses_awq(quant: QuantOptions, source: ModelSource) -> bool:
 
 def _awq_reader(reader, spec, precision: str, quant: QuantOptions, progress: Progress | None):
     """Calibrate, search the scales, and wrap the reader so the exporter sees scaled weights."""
+    from ..quant.awq import ScaledReader, compute_scales
     from .calibration import calibration_token_batches, codec_from_reader
-    from .quant.awq import ScaledReader, compute_scales
 
     sequences = calibration_token_batches(codec_from_reader(reader), quant.calibration, max_tokens=256,
                                           total_tokens=quant.calibration_tokens)

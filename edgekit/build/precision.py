@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import UnsupportedPrecision
+from ..errors import UnsupportedPrecision
 
 if TYPE_CHECKING:
-    from .spec import ModelSpec
+    from ..spec import ModelSpec
 
 # Every precision edgekit knows, from the most to the least faithful.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
@@ -166,7 +166,7 @@ def weight_bytes(spec: ModelSpec, precision: str, device: str = "gpu", *,
     counted exactly as the builder writes it (:func:`edgekit.quant.sizes.build_weight_bytes`, which also reads
     a GGUF's real tensor types); otherwise, and for fp8/bf16, from the policy table below.
     """
-    from .quant.sizes import BUILDABLE, QuantSettings, build_weight_bytes
+    from ..quant.sizes import BUILDABLE, QuantSettings, build_weight_bytes
 
     if dialect is not None and context is not None and precision in BUILDABLE:
         graph_float = "fp32" if compute_dtype(precision, device) == "fp32" else "fp16"

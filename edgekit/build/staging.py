@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputError
-from .runtime.bundle import fsync_dir as _fsync_dir
-from .units import fmt_bytes
+from ..errors import OutputError
+from ..runtime.bundle import fsync_dir as _fsync_dir
+from ..units import fmt_bytes
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 

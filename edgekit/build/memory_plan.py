@@ -2,7 +2,7 @@
 
 ``plan(spec, target, precision=..., context=...)`` adds up, without loading a weight:
 
-- weights at the precision (linears, embedding, LM head, norms and biases; see :mod:`edgekit.precision`),
+- weights at the precision (linears, embedding, LM head, norms and biases; see :mod:`edgekit.build.precision`),
 - the static KV cache for the whole context (the runtime allocates it once, up front),
 - the workspace of one prefill step (activations of one layer for one chunk of prompt tokens, the
   fp32 attention scores of that chunk against the whole context, the last token's logits),
@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UserInputError
+from ..errors import UserInputError
+from ..quant.sizes import DIALECT_OF_BACKEND
+from ..spec import ModelSpec
+from ..units import fmt_bytes
 from .precision import DTYPE_BYTES, PRECISIONS, compute_dtype, weight_bytes
-from .quant.sizes import DIALECT_OF_BACKEND
-from .spec import ModelSpec
 from .target import Target, check_combination
-from .units import fmt_bytes
 
 SCORE_DTYPE = "fp32"      # attention scores and softmax run in fp32 for accuracy, whatever the weights
 LOGITS_DTYPE = "fp32"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserInputError
-from .runtime.generate import GenerationRequest, run
-from .runtime.sampling import SamplingParams
+from ..errors import UserInputError
+from .generate import GenerationRequest, run
+from .sampling import SamplingParams
 
 _FILLER = ("The robot checked the kitchen lights, the door sensors and the thermostat, then wrote a short report "
            "about what it had seen and what it planned to do next. ")

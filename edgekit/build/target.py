@@ -15,9 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import UnknownTarget, UnsupportedPrecision, UserInputError
+from ..errors import UnknownTarget, UnsupportedPrecision, UserInputError
+from ..units import GiB, parse_size
 from .precision import PRECISIONS, PRECISIONS_SMALL_FIRST
-from .units import GiB, parse_size
 
 # Backend name -> where it computes. onnxruntime-cpu on a Jetson still uses the same (unified) memory.
 BACKENDS: dict[str, str] = {"tensorrt": "gpu", "onnxruntime-cuda": "gpu", "onnxruntime-cpu": "cpu"}

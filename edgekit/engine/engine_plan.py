@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from ..build.memory_plan import plan as memory_plan
+from ..build.target import Target
 from ..errors import BundleError, DoesNotFit, UserInputError
-from ..plan import plan as memory_plan
 from ..spec import ModelSpec
-from ..target import Target
 from ..units import GiB, MiB, fmt_bytes
 
 ENGINE_FILE = "model.engine"
@@ -182,7 +182,7 @@ def pool_limit(spec: ModelSpec, target: Target, *, precision: str, max_context: 
     """(WORKSPACE pool bytes, how it was derived, prefill chunk) for ``spec`` on ``target``.
 
     Headroom = budget - (weights + KV cache at max_context + activations of one prefill chunk + the
-    TensorRT backend's overhead), from :func:`edgekit.plan.plan`; ``weights_bytes`` replaces the planner's
+    TensorRT backend's overhead), from :func:`edgekit.build.memory_plan.plan`; ``weights_bytes`` replaces the planner's
     weight estimate when a bundle knows its real size. The pool gets the headroom, capped at ``cap`` and
     rounded down to whole MiB; less than POOL_MIN of headroom is DoesNotFit.
     """
@@ -206,7 +206,7 @@ def pool_limit(spec: ModelSpec, target: Target, *, precision: str, max_context: 
 
 def kv_dtype_for(target: Target, precision: str) -> str:
     """The cache element type TensorRT computes with for ``precision`` (the planner's compute dtype)."""
-    from ..precision import compute_dtype
+    from ..build.precision import compute_dtype
 
     return _KV_DTYPES.get(compute_dtype(precision, "gpu"), "float16")
 

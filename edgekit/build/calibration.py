@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
-BUILTIN = Path(__file__).parent / "data" / "calibration.jsonl"
+BUILTIN = Path(__file__).parent.parent / "data" / "calibration.jsonl"
 _ROLES = ("system", "user", "assistant", "tool")
 
 # A sample is a conversation (list of messages) or, from a plain-text file, a string.
@@ -179,7 +179,7 @@ def calibration_token_batches(codec, path: str | Path | None = None, max_tokens:
 
 def codec_from_reader(reader):
     """A TextCodec (tokenizer, chat template, special tokens) for a checkpoint's WeightReader."""
-    from .runtime.text import TextCodec
+    from ..runtime.text import TextCodec
 
     special = dict(reader.special_tokens())
     return TextCodec(reader.tokenizer_json(), reader.chat_template(), special)

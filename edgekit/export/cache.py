@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 FILES = ("model.onnx", "model.onnx.data")
 META = "export.json"

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import UserInputError
+from .. import __version__
+from ..errors import UserInputError
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 
@@ -121,7 +121,7 @@ class Reference:
     def __init__(self, model, *, context: int, work_dir: str | Path | None = None, threads: int | None = None,
                  progress: Progress | None = None):
         from .calibration import codec_from_reader
-        from .sources import ModelSource, open_weights, resolve
+        from ..sources import ModelSource, open_weights, resolve
 
         self.source = model if isinstance(model, ModelSource) else resolve(model)
         self.spec = self.source.spec
@@ -138,13 +138,13 @@ class Reference:
             self.graph = self._export(reader, folder, progress)
         finally:
             reader.close()
-        from .runtime.ort_backend import OrtDecoder
+        from ..runtime.ort_backend import OrtDecoder
 
         self.decoder = OrtDecoder(str(self.graph), dialect="ort", spec=self.spec, capacity=self.context,
                                   kv_dtype="float32", threads=threads)
 
     def _export(self, reader, folder: Path, progress: Progress | None) -> Path:
-        from .export import GraphOptions, export_onnx
+        from ..export import GraphOptions, export_onnx
 
         stamp = {"sha256": self.fingerprint, "context": self.context, "edgekit": __version__}
         target = folder / f"reference-{self.fingerprint[:16]}-{self.context}"
@@ -284,9 +284,9 @@ def evaluate(bundle: str | Path, reference, *, text: str | Path | None = None, m
     vocabulary, unreadable text), ModelNotFound and the runtime's errors, all one line.
     """
     from .calibration import load_samples
-    from .runtime.bundle import read_manifest
-    from .runtime.model import load
-    from .sources import resolve
+    from ..runtime.bundle import read_manifest
+    from ..runtime.model import load
+    from ..sources import resolve
 
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise UserInputError(f"invalid max_tokens {max_tokens!r}: use a whole number >= 1")
