@@ -92,6 +92,29 @@ def test_fp32_bundle_agrees_with_its_own_weights(fp32_bundle, tiny_qwen2_dir, wo
     assert d["top1_agreement"] == 1.0 and d["reference"] == str(tiny_qwen2_dir) and len(d["reference_sha256"]) == 64
 
 
+def test_the_reference_export_is_reused_from_the_work_dir_and_checked(fp32_bundle, tiny_qwen2_dir, tmp_path):
+    """--work-dir is an export cache (edgekit.export.cache): reused while intact, exported again when damaged."""
+    def run():
+        stages = []
+        r = evaluate(fp32_bundle, tiny_qwen2_dir, max_tokens=16, work_dir=tmp_path,
+                     progress=lambda stage, done, total: stages.append(stage))
+        return r, stages
+
+    first, stages = run()
+    assert "export reference" in stages
+    [entry] = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    again, stages = run()
+    assert "export reference" not in stages and again.top1_agreement == first.top1_agreement == 1.0
+    data = entry / "model.onnx.data"
+    data.chmod(0o644)
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    third, stages = run()
+    assert any("discarded" in s and "model.onnx.data changed since it was stored" in s for s in stages)
+    assert "export reference" in stages and third.top1_agreement == 1.0
+
+
 def test_a_different_reference_gives_lower_agreement_and_positive_kl(fp32_bundle, other_seed_dir, work_dir):
     r = evaluate(fp32_bundle, other_seed_dir, max_tokens=160, work_dir=work_dir)
     assert r.tokens == 160

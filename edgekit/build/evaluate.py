@@ -20,12 +20,11 @@ agreement). A text file is scored over every token. Memory: the reference runs i
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +119,8 @@ class Reference:
 
     def __init__(self, model, *, context: int, work_dir: str | Path | None = None, threads: int | None = None,
                  progress: Progress | None = None):
-        from .calibration import codec_from_reader
         from ..sources import ModelSource, open_weights, resolve
+        from .calibration import codec_from_reader
 
         self.source = model if isinstance(model, ModelSource) else resolve(model)
         self.spec = self.source.spec
@@ -144,24 +143,22 @@ class Reference:
                                   kv_dtype="float32", threads=threads)
 
     def _export(self, reader, folder: Path, progress: Progress | None) -> Path:
+        """The reference graph, from the export cache in ``folder`` (exported into it on a miss)."""
         from ..export import GraphOptions, export_onnx
+        from ..export.cache import cache_key, use_or_export
+        from ..export.decoder import GRAPH_REVISION
 
-        stamp = {"sha256": self.fingerprint, "context": self.context, "edgekit": __version__}
-        target = folder / f"reference-{self.fingerprint[:16]}-{self.context}"
-        marker = target / "reference.json"
-        if marker.is_file():
-            try:
-                if json.loads(marker.read_text()) == stamp:
-                    return target / "model.onnx"
-            except ValueError:
-                pass
-        target.mkdir(parents=True, exist_ok=True)
-        marker.unlink(missing_ok=True)
         report = (lambda done, total: progress("export reference", done, total)) if progress else None
         options = GraphOptions(dialect="ort", precision="fp32", max_context=self.context, logits="all")
-        result = export_onnx(reader, self.spec, target, options, progress=report)
-        marker.write_text(json.dumps(stamp))   # written last: a half-done export is never reused
-        return target / result.model_file
+
+        def export(into: Path) -> dict:
+            return {"export": asdict(export_onnx(reader, self.spec, into, options, progress=report)),
+                    "quantization": None}
+
+        entry, meta = use_or_export(folder, cache_key(self.fingerprint, options=options, graph=GRAPH_REVISION),
+                                    export, discarded=lambda why: progress and progress(
+                                        f"export reference ({why})", 1, 1))
+        return entry / meta["export"]["model_file"]
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Teacher-forced logits of every position of ``tokens``, (S, V) float32."""
@@ -283,10 +280,10 @@ def evaluate(bundle: str | Path, reference, *, text: str | Path | None = None, m
     prompts); ``max_tokens``: scored positions in total. Raises BundleError, UserInputError (different
     vocabulary, unreadable text), ModelNotFound and the runtime's errors, all one line.
     """
-    from .calibration import load_samples
     from ..runtime.bundle import read_manifest
     from ..runtime.model import load
     from ..sources import resolve
+    from .calibration import load_samples
 
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise UserInputError(f"invalid max_tokens {max_tokens!r}: use a whole number >= 1")

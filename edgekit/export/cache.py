@@ -12,6 +12,11 @@ data with several links ("potential hardlink attack"). A copy is a reflink where
 blocks (btrfs, XFS), so it costs no space there. Each entry records its files' size and sha256; a restore
 hashes what it copies (one read) and discards an entry that no longer matches, so a damaged cache costs a
 fresh export, never a bundle with unchecked weights.
+
+Two ways to use an entry: ``restore``/``store`` copy a build's export out of and into the cache (a bundle
+owns its files), ``use_or_export`` exports straight into the cache and hands back the entry's folder to run
+in place (``edgekit eval``'s fp32 reference: too big to copy, and it never becomes part of a bundle). Both
+check the same recorded sizes and hashes.
 """
 
 from __future__ import annotations
@@ -60,11 +65,48 @@ def _copy_hashed(src: Path, dest: Path) -> tuple[int, str]:
                 fout.write(chunk)
                 size += len(chunk)
             return size, digest.hexdigest()
-    with open(dest, "rb") as f:   # a reflink shares the cache's blocks: hash what the bundle now holds
+    return _hashed(dest)   # a reflink shares the cache's blocks: hash what the bundle now holds
+
+
+def _hashed(path: Path) -> tuple[int, str]:
+    """(size, sha256) of ``path``, read once."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+def _check(entry: Path, meta, digest: Callable[[str], tuple[int, str]]) -> None:
+    """Raise _Stale unless every file of ``entry`` has the size and sha256 ``meta`` recorded.
+
+    ``digest(name)`` returns the (size, sha256) to compare: of a copy being made, or of the file itself.
+    """
+    recorded = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict):
+        raise _Stale("it records no file hashes (written by an older edgekit)")
+    for name in FILES:
+        want = recorded.get(name) or {}
+        if not (entry / name).is_file() or (entry / name).stat().st_size != want.get("size"):
+            raise _Stale(f"{name} changed size since it was stored")
+        got = digest(name)
+        if got != (want.get("size"), want.get("sha256")):
+            raise _Stale(f"{name} changed since it was stored (sha256 {got[1][:12]}..., recorded "
+                         f"{str(want.get('sha256'))[:12]}...)")
+
+
+def _discard(entry: Path, why: _Stale, discarded: Callable[[str], None] | None) -> None:
+    shutil.rmtree(entry, ignore_errors=True)
+    if discarded is not None:
+        discarded(f"cache entry {entry} discarded: {why}")
+
+
+def _read_meta(entry: Path):
+    try:
+        return json.loads((entry / META).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def restore(cache_dir: Path, key: str, into: Path, *, discarded: Callable[[str], None] | None = None) -> dict | None:
@@ -75,35 +117,66 @@ def restore(cache_dir: Path, key: str, into: Path, *, discarded: Callable[[str],
     called: the caller exports again instead of shipping weights nobody checked.
     """
     entry = Path(cache_dir) / key
-    try:
-        meta = json.loads((entry / META).read_text())
-    except (OSError, ValueError):
+    meta = _read_meta(entry)
+    if meta is None:
         return None
     try:
-        recorded = meta.get("files") if isinstance(meta, dict) else None
-        if not isinstance(recorded, dict):
-            raise _Stale("it records no file hashes (written by an older edgekit)")
-        for name in FILES:
-            want = recorded.get(name) or {}
-            if not (entry / name).is_file() or (entry / name).stat().st_size != want.get("size"):
-                raise _Stale(f"{name} changed size since it was stored")
-            got = _copy_hashed(entry / name, into / name)
-            if got != (want.get("size"), want.get("sha256")):
-                raise _Stale(f"{name} changed since it was stored (sha256 {got[1][:12]}..., recorded "
-                             f"{str(want.get('sha256'))[:12]}...)")
+        _check(entry, meta, lambda name: _copy_hashed(entry / name, into / name))
     except (OSError, _Stale) as e:
         for name in FILES:
             (into / name).unlink(missing_ok=True)
         if isinstance(e, _Stale):
-            shutil.rmtree(entry, ignore_errors=True)
-            if discarded is not None:
-                discarded(f"cache entry {entry} discarded: {e}")
+            _discard(entry, e, discarded)
         return None
     return meta
 
 
 class _Stale(Exception):
     pass
+
+
+def use_or_export(cache_dir: Path, key: str, export: Callable[[Path], dict], *,
+                  discarded: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+    """The folder of the entry ``key`` and its metadata, used in place; ``export(folder)`` fills it on a miss.
+
+    A hit is checked as in :func:`restore` (one read of its files; a stale entry is deleted, ``discarded``
+    told, and exported again). On a miss ``export`` writes ``FILES`` into a temporary folder in the cache
+    and returns the metadata to record; the folder is renamed into place only when complete, so a half-done
+    export is never used. Unlike :func:`store`, errors propagate: the caller has no other copy.
+    """
+    entry = Path(cache_dir) / key
+    meta = _read_meta(entry)
+    if meta is not None:
+        try:
+            _check(entry, meta, lambda name: _hashed(entry / name))
+            return entry, meta
+        except _Stale as e:
+            _discard(entry, e, discarded)
+    tmp = Path(cache_dir) / f".{key}.{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        meta = export(tmp)
+        hashes = {name: _hashed(tmp / name) for name in FILES}
+        try:
+            return entry, _seal(tmp, entry, meta, hashes)
+        except OSError:
+            other = _read_meta(entry)
+            if other is None:
+                raise
+            return entry, other      # another process stored the same export first: theirs is as good
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)     # gone after the rename; left over only on failure
+
+
+def _seal(tmp: Path, entry: Path, meta: dict, hashes: dict[str, tuple[int, str]]) -> dict:
+    """Record ``hashes`` in ``tmp``'s metadata and rename ``tmp`` to ``entry``; the metadata written."""
+    files = {name: {"size": size, "sha256": sha} for name, (size, sha) in hashes.items()}
+    for name in files:
+        os.chmod(tmp / name, 0o444)   # a reminder; the hash check is what protects later builds
+    meta = {**meta, "files": files}
+    (tmp / META).write_text(json.dumps(meta))
+    os.replace(tmp, entry)
+    return meta
 
 
 def store(cache_dir: Path, key: str, folder: Path, meta: dict) -> None:
@@ -114,12 +187,6 @@ def store(cache_dir: Path, key: str, folder: Path, meta: dict) -> None:
     tmp = Path(cache_dir) / f".{key}.{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        files = {}
-        for name in FILES:
-            size, sha = _copy_hashed(folder / name, tmp / name)
-            files[name] = {"size": size, "sha256": sha}
-            os.chmod(tmp / name, 0o444)   # a reminder; restore's hash check is what protects later builds
-        (tmp / META).write_text(json.dumps({**meta, "files": files}))
-        os.replace(tmp, entry)
+        _seal(tmp, entry, meta, {name: _copy_hashed(folder / name, tmp / name) for name in FILES})
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
