@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgekit.build.target import BACKENDS, Target, check_combination, list_targets, load_target, parse_target
+from edgekit.build.target import BACKENDS, Target, check_combination, list_targets, load_target
+from edgekit.build.target_file import parse_target
 from edgekit.cli import cli
 from edgekit.errors import UnknownTarget, UnsupportedPrecision, UserInputError
 from edgekit.units import GiB, MiB

@@ -3,7 +3,8 @@ frozen :class:`Target` objects, and the one capability table that says which bac
 
 A target is data, not code: memory, the usable budget and why, each backend's fixed overhead and why,
 bandwidth, compute capability, CMA pool, software stack. Adding a device is adding a file; a user can also
-give the path of their own ``.toml`` wherever a target name is accepted.
+give the path of their own ``.toml`` wherever a target name is accepted. This module holds the types,
+the capability table and finding a target by name; :mod:`edgekit.build.target_file` reads and checks a file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnknownTarget, UnsupportedPrecision, UserInputError
-from ..units import GiB, parse_size
+from ..units import GiB
 from .precision import PRECISIONS, PRECISIONS_SMALL_FIRST
 
 # Backend name -> where it computes. onnxruntime-cpu on a Jetson still uses the same (unified) memory.
@@ -138,7 +139,7 @@ class Target:
         return cls(
             **{k: v for k, v in d.items() if k not in ("aliases", "software", "backends")},
             aliases=tuple(d["aliases"]),
-            compute_capability=_parse_sm(cc) if cc else None,
+            compute_capability=parse_sm(cc) if cc else None,
             software=tuple((str(k), str(v)) for k, v in d["software"].items()),
             backends=tuple(Backend(b["name"], tuple(b["precisions"]), b["overhead_bytes"], b["overhead_source"])
                            for b in d["backends"]),
@@ -208,7 +209,9 @@ def load_target(name: str) -> Target:
         if not path.is_file():
             raise UnknownTarget(f"no such target file {text!r}: give an existing .toml file or one of "
                                 f"{', '.join(t.name for t in list_targets())}")
-        return _parse_file(path.read_bytes(), str(path))
+        from .target_file import parse_file  # imported here: target_file builds on this module's types
+
+        return parse_file(path.read_bytes(), str(path))
     key = text.lower().replace("_", "-")
     targets = _packaged()
     by_name = {t.name: t for t in targets.values()}
@@ -232,161 +235,27 @@ def list_targets() -> list[Target]:
 def _packaged() -> dict[str, Target]:
     from importlib.resources import files
 
+    from .target_file import malformed, parse_file  # imported here: target_file builds on this module's types
+
     targets: dict[str, Target] = {}
     folder = files("edgekit.targets")
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".toml"):
             continue
-        t = _parse_file(entry.read_bytes(), f"targets/{entry.name}")
+        t = parse_file(entry.read_bytes(), f"targets/{entry.name}")
         if t.name != entry.name[:-5]:
-            _malformed(f"targets/{entry.name}", f"name {t.name!r} differs from the file name")
+            malformed(f"targets/{entry.name}", f"name {t.name!r} differs from the file name")
         targets[t.name] = t
     seen: dict[str, str] = {}
     for t in targets.values():
         for key in (t.name, *t.aliases):
             if key in seen and seen[key] != t.name:
-                _malformed(f"targets/{t.name}.toml", f"{key!r} is also a name or alias of {seen[key]}")
+                malformed(f"targets/{t.name}.toml", f"{key!r} is also a name or alias of {seen[key]}")
             seen[key] = t.name
     return targets
 
 
-def _parse_file(data: bytes, source: str) -> Target:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10 (JetPack 6)
-        import tomli as tomllib
-    try:
-        doc = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        _malformed(source, f"not valid TOML ({e})")
-    return parse_target(doc, source)
-
-
-def _malformed(source: str, what: str):
-    raise UserInputError(f"target file {source} is malformed: {what}; fix it (targets/orin-nano-8gb.toml "
-                         "shows every field)")
-
-
-_TOP_KEYS = {"name", "aliases", "description", "kind", "compute_capability", "default_backend", "prefill_chunk",
-             "prefill_chunk_source", "memory", "software", "backends"}
-_MEMORY_KEYS = {"total", "total_source", "unified", "budget", "budget_source", "bandwidth_gbs",
-                "bandwidth_source", "cma", "cma_source"}
-_BACKEND_KEYS = {"precisions", "overhead", "overhead_source"}
-
-
-def parse_target(doc: dict[str, Any], source: str = "the target file") -> Target:
-    """Validate one parsed TOML document and build the Target; every mistake is a one-line error."""
-    def need(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
-        if key not in table:
-            _malformed(source, f"missing {where}{key}")
-        value = table[key]
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            _malformed(source, f"{where}{key} has the wrong type ({type(value).__name__})")
-        return value
-
-    def unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
-        extra = sorted(set(table) - allowed)
-        if extra:
-            _malformed(source, f"unknown key {where}{extra[0]} (allowed: {', '.join(sorted(allowed))})")
-
-    def size(text: Any, where: str) -> int:
-        try:
-            return parse_size(text)
-        except UserInputError:
-            _malformed(source, f"{where} {text!r} is not a size such as \"8GiB\" or \"900MiB\"")
-
-    unknown(doc, _TOP_KEYS, "")
-    name = need(doc, "name", str)
-    kind = need(doc, "kind", str)
-    if kind not in KINDS:
-        _malformed(source, f"kind {kind!r} is not one of {', '.join(KINDS)}")
-    cc_text = doc.get("compute_capability")
-    cc = _parse_sm(cc_text) if cc_text is not None else None
-    if cc_text is not None and cc is None:
-        _malformed(source, f"compute_capability {cc_text!r} is not like \"8.7\"")
-    if (cc is None) != (kind == "cpu"):
-        _malformed(source, "compute_capability is required for GPU targets and not allowed for the cpu kind")
-
-    mem = need(doc, "memory", dict)
-    unknown(mem, _MEMORY_KEYS, "memory.")
-    total_text = need(mem, "total", (str, int), "memory.")
-    if total_text == "host":
-        total, total_source = _host_memory()
-    else:
-        total, total_source = size(total_text, "memory.total"), need(mem, "total_source", str, "memory.")
-    budget_text = need(mem, "budget", (str, int), "memory.")
-    if isinstance(budget_text, str) and budget_text.strip().endswith("%"):
-        try:
-            fraction = float(budget_text.strip()[:-1]) / 100
-        except ValueError:
-            _malformed(source, f"memory.budget {budget_text!r} is not a percentage such as \"75%\"")
-        budget = int(total * fraction)
-    else:
-        budget = size(budget_text, "memory.budget")
-    if not 0 < budget <= total:
-        _malformed(source, f"memory.budget ({budget} bytes) must be positive and at most memory.total ({total})")
-    unified = need(mem, "unified", bool, "memory.")
-    if kind == "jetson" and not unified:
-        _malformed(source, "a jetson target has unified memory: set memory.unified = true")
-    bandwidth = need(mem, "bandwidth_gbs", (int, float), "memory.")
-    if bandwidth <= 0:
-        _malformed(source, "memory.bandwidth_gbs must be positive")
-    cma = size(mem["cma"], "memory.cma") if "cma" in mem else 0
-    if cma and kind != "jetson":
-        _malformed(source, "memory.cma applies to jetson targets only")
-
-    software = need(doc, "software", dict)
-    if not all(isinstance(v, str) for v in software.values()):
-        _malformed(source, "every software version must be a string, e.g. cuda = \"12.6\"")
-
-    backends_doc = need(doc, "backends", dict)
-    if not backends_doc:
-        _malformed(source, "no backends: add at least [backends.onnxruntime-cpu]")
-    backends = []
-    for bname, b in backends_doc.items():
-        where = f"backends.{bname}."
-        if bname not in BACKENDS:
-            _malformed(source, f"unknown backend {bname!r} (known: {', '.join(BACKENDS)})")
-        if not isinstance(b, dict):
-            _malformed(source, f"backends.{bname} must be a table")
-        unknown(b, _BACKEND_KEYS, where)
-        precisions = need(b, "precisions", list, where)
-        for p in precisions:
-            if p not in BACKEND_PRECISIONS[bname]:
-                _malformed(source, f"{where}precisions: {bname} cannot run {p!r} "
-                                   f"(it runs {', '.join(BACKEND_PRECISIONS[bname])})")
-        if BACKENDS[bname] == "gpu" and cc is None:
-            _malformed(source, f"backend {bname} needs a GPU but the target has no compute_capability")
-        backends.append(Backend(bname, tuple(precisions), size(need(b, "overhead", (str, int), where),
-                                                               f"{where}overhead"),
-                                need(b, "overhead_source", str, where)))
-    default = need(doc, "default_backend", str)
-    if default not in backends_doc:
-        _malformed(source, f"default_backend {default!r} is not one of its backends ({', '.join(backends_doc)})")
-    chunk = need(doc, "prefill_chunk", int)
-    if chunk <= 0:
-        _malformed(source, "prefill_chunk must be a positive number of tokens")
-
-    target = Target(
-        name=name, aliases=tuple(need(doc, "aliases", list)) if "aliases" in doc else (),
-        description=need(doc, "description", str), kind=kind,
-        total_memory_bytes=total, total_memory_source=total_source, unified_memory=unified,
-        budget_bytes=budget, budget_source=need(mem, "budget_source", str, "memory."),
-        bandwidth_gbs=float(bandwidth), bandwidth_source=need(mem, "bandwidth_source", str, "memory."),
-        compute_capability=cc, cma_bytes=cma, cma_source=str(mem.get("cma_source", "")),
-        software=tuple(software.items()), backends=tuple(backends), default_backend=default,
-        prefill_chunk=chunk, prefill_chunk_source=need(doc, "prefill_chunk_source", str),
-    )
-    # The file must agree with the hardware facts (no FP8 claimed on an SM 8.7 board).
-    for b in target.backends:
-        for p in b.precisions:
-            rule = HARDWARE_RULES.get(p)
-            if rule and not _rule_allows(rule, target, b.name):
-                _malformed(source, f"backends.{b.name} lists {p} but {rule.reason}")
-    return target
-
-
-def _parse_sm(text: Any) -> tuple[int, int] | None:
+def parse_sm(text: Any) -> tuple[int, int] | None:
     parts = str(text).split(".")
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
         return None
