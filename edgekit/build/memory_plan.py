@@ -122,24 +122,13 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
     """Plan ``spec`` on ``target``. ``budget`` (bytes) replaces the target's default budget. ``quant``
     (:class:`edgekit.quant.sizes.QuantSettings`) sizes INT4/INT8 weights for non-default build options."""
     chosen = check_combination(target, backend, precision)
-    if not isinstance(context, int) or context < 1:
-        raise UserInputError(f"invalid context {context!r}: give a positive number of tokens, e.g. 4096")
-    if context > spec.max_position_embeddings:
-        raise UserInputError(
-            f"context {context} is longer than {spec.name or 'the model'} supports "
-            f"({spec.max_position_embeddings} positions): use a context of at most {spec.max_position_embeddings}")
-    if budget is not None and budget <= 0:
-        raise UserInputError(f"invalid budget {budget!r}: give a positive number of bytes, e.g. 3.5GiB")
+    _check_request(spec, context, budget)
     device = chosen.device
     budget_line = (Line("budget", budget, "given by the caller") if budget is not None else
                    Line("budget", target.budget_bytes, target.budget_source))
 
     dialect = DIALECT_OF_BACKEND.get(chosen.name)
-
-    def weights_at(p: str, ctx: int):
-        return weight_bytes(spec, p, device, dialect=dialect, context=ctx, quant=quant)
-
-    weights = weights_at(precision, context)
+    weights = weight_bytes(spec, precision, device, dialect=dialect, context=context, quant=quant)
     act = compute_dtype(precision, device)
     kv_dtype = _kv_dtype(act, quant, dialect)
     kv_per_token = spec.kv_bytes_per_token(kv_dtype)
@@ -161,45 +150,13 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
     total = weights.total + kv.bytes + sum(w.bytes for w in work) + overhead.bytes
     fits = total <= budget_line.bytes
 
-    def total_for(b, p: str, ctx: int) -> int:
-        w = weight_bytes(spec, p, b.device, dialect=DIALECT_OF_BACKEND.get(b.name), context=ctx, quant=quant)
-        a = compute_dtype(p, b.device)
-        ws = sum(x.bytes for x in _workspace(spec, a, min(target.prefill_chunk, ctx), ctx))
-        kv_b = spec.kv_bytes_per_token(_kv_dtype(a, quant, DIALECT_OF_BACKEND.get(b.name)))
-        return w.total + kv_b * ctx + ws + b.overhead_bytes + w.repacked
+    def fits_at(b, p: str, ctx: int) -> bool:
+        return _total(spec, target, b, p, ctx, quant) <= budget_line.bytes
 
-    def total_at(p: str, ctx: int) -> int:
-        return total_for(chosen, p, ctx)
-
-    max_context = _max_context(lambda ctx: total_at(precision, ctx) <= budget_line.bytes,
-                               spec.max_position_embeddings)
-    fitting = None
-    fits_with: list[tuple[str, str]] = []
-    if not fits:
-        for p in PRECISIONS:    # most faithful first
-            if p != precision and p in chosen.precisions and total_at(p, context) <= budget_line.bytes:
-                fitting = p
-                break
-        # the other backends too: a 4 GB Jetson that cannot hold TensorRT's runtime may run onnxruntime-cpu
-        fits_with = [(b.name, p) for b in sorted(target.backends, key=lambda b: b.name != chosen.name)
-                     for p in PRECISIONS if p in b.precisions and (b.name, p) != (chosen.name, precision)
-                     and total_for(b, p, context) <= budget_line.bytes]
-
+    max_context = _max_context(lambda ctx: fits_at(chosen, precision, ctx), spec.max_position_embeddings)
+    fitting, fits_with = (None, []) if fits else _what_fits(target, chosen, precision, context, fits_at)
     largest = _largest_allocation(spec, weights.largest_tensor, act, chunk, context)
-    warnings = []
-    if target.kind == "jetson" and target.cma_bytes and largest.bytes > target.cma_bytes:
-        fix = "enlarge the pool (cma= on the kernel command line, then check CmaTotal in /proc/meminfo)"
-        int8_head = spec.vocab_size * spec.hidden_size        # int4/int8 store the LM head in int8
-        if precision not in ("int4", "int8") and int8_head <= target.cma_bytes \
-                and largest.name in ("LM head", "embedding"):
-            fix += " or use int4/int8, which store the LM head and embedding in int8"
-        warnings.append(
-            f"the largest single allocation ({largest.name}, {fmt_bytes(largest.bytes)}) exceeds the "
-            f"{fmt_bytes(target.cma_bytes)} CMA pool of {target.name}: allocations this large have failed "
-            f"with NvMapMemAllocInternalTagged error 12 even with enough free memory; {fix}")
-    if fits and total > NEAR_FULL * budget_line.bytes:
-        warnings.append(f"uses {100 * total / budget_line.bytes:.0f}% of the budget: little headroom for "
-                        "other processes or a longer context")
+    warnings = _warnings(spec, target, precision, largest, total if fits else None, budget_line.bytes)
 
     # Each decoded token reads every weight once (the embedding only one row, unless it is also the LM
     # head) and the whole KV cache at full context: bandwidth / bytes is an upper bound on tokens/s.
@@ -213,6 +170,62 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
         largest_allocation=largest, fits=fits, max_context=max_context, fitting_precision=fitting,
         decode_tokens_per_s=decode, warnings=tuple(warnings), fits_with=tuple(fits_with), compute_dtype=act,
     )
+
+
+def _check_request(spec: ModelSpec, context, budget: int | None) -> None:
+    if not isinstance(context, int) or context < 1:
+        raise UserInputError(f"invalid context {context!r}: give a positive number of tokens, e.g. 4096")
+    if context > spec.max_position_embeddings:
+        raise UserInputError(
+            f"context {context} is longer than {spec.name or 'the model'} supports "
+            f"({spec.max_position_embeddings} positions): use a context of at most {spec.max_position_embeddings}")
+    if budget is not None and budget <= 0:
+        raise UserInputError(f"invalid budget {budget!r}: give a positive number of bytes, e.g. 3.5GiB")
+
+
+def _total(spec: ModelSpec, target: Target, b, p: str, ctx: int, quant) -> int:
+    """Total bytes of ``spec`` at precision ``p`` and context ``ctx`` on backend ``b`` of ``target``."""
+    w = weight_bytes(spec, p, b.device, dialect=DIALECT_OF_BACKEND.get(b.name), context=ctx, quant=quant)
+    a = compute_dtype(p, b.device)
+    ws = sum(x.bytes for x in _workspace(spec, a, min(target.prefill_chunk, ctx), ctx))
+    kv_b = spec.kv_bytes_per_token(_kv_dtype(a, quant, DIALECT_OF_BACKEND.get(b.name)))
+    return w.total + kv_b * ctx + ws + b.overhead_bytes + w.repacked
+
+
+def _what_fits(target: Target, chosen, precision: str, context: int,
+               fits_at) -> tuple[str | None, list[tuple[str, str]]]:
+    """When the plan does not fit: the most faithful other precision of the chosen backend that does, and
+    every other (backend, precision) of the target that does, at this context."""
+    fitting = None
+    for p in PRECISIONS:    # most faithful first
+        if p != precision and p in chosen.precisions and fits_at(chosen, p, context):
+            fitting = p
+            break
+    # the other backends too: a 4 GB Jetson that cannot hold TensorRT's runtime may run onnxruntime-cpu
+    fits_with = [(b.name, p) for b in sorted(target.backends, key=lambda b: b.name != chosen.name)
+                 for p in PRECISIONS if p in b.precisions and (b.name, p) != (chosen.name, precision)
+                 and fits_at(b, p, context)]
+    return fitting, fits_with
+
+
+def _warnings(spec: ModelSpec, target: Target, precision: str, largest: Line, fitting_total: int | None,
+              budget: int) -> list[str]:
+    """The CMA pool warning on Jetsons and the near-full warning (``fitting_total``: None when it does not fit)."""
+    warnings = []
+    if target.kind == "jetson" and target.cma_bytes and largest.bytes > target.cma_bytes:
+        fix = "enlarge the pool (cma= on the kernel command line, then check CmaTotal in /proc/meminfo)"
+        int8_head = spec.vocab_size * spec.hidden_size        # int4/int8 store the LM head in int8
+        if precision not in ("int4", "int8") and int8_head <= target.cma_bytes \
+                and largest.name in ("LM head", "embedding"):
+            fix += " or use int4/int8, which store the LM head and embedding in int8"
+        warnings.append(
+            f"the largest single allocation ({largest.name}, {fmt_bytes(largest.bytes)}) exceeds the "
+            f"{fmt_bytes(target.cma_bytes)} CMA pool of {target.name}: allocations this large have failed "
+            f"with NvMapMemAllocInternalTagged error 12 even with enough free memory; {fix}")
+    if fitting_total is not None and fitting_total > NEAR_FULL * budget:
+        warnings.append(f"uses {100 * fitting_total / budget:.0f}% of the budget: little headroom for "
+                        "other processes or a longer context")
+    return warnings
 
 
 def _kv_dtype(act: str, quant, dialect: str | None) -> str:
