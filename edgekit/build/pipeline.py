@@ -168,12 +168,7 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
     output = Path(output)
     reader = open_weights(source)
     try:
-        key = None
-        if cache_dir is not None:
-            from ..export.cache import cache_key
-
-            key = cache_key(reader.fingerprint(), options=options, precision=precision, quant=quant,
-                            graph=GRAPH_REVISION)
+        key = _cache_key(reader, options, precision, quant) if cache_dir is not None else None
         with staged_output(output, force=force) as tmp:
             exported, quantization = _export(reader, source, tmp, options, precision, quant, progress,
                                              cache_dir, key, the_plan.weights_bytes)
@@ -185,13 +180,7 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
                 require_tensorrt_graph(tmp / exported.model_file, spec,
                                        tensorrt=dict(target.software).get("tensorrt"),
                                        fix="this is an edgekit bug, please report it")
-            special = reader.special_tokens()
-            (tmp / "tokenizer.json").write_text(reader.tokenizer_json(), encoding="utf-8")
-            template = reader.chat_template()
-            if template:
-                (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
-            if progress:
-                progress("tokenizer", 1, 1)
+            special, template = _write_tokenizer(reader, tmp, progress)
             manifest = _manifest(source, reader.fingerprint(), spec, target, the_plan, options, exported, special,
                                  template)
             if quant.kv_cache == "int8":
@@ -203,14 +192,39 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
             if progress:
                 progress("manifest", 1, 1)
             if eval_tokens:
-                from .evaluate import evaluate
-
-                fidelity = evaluate(tmp, str(source.path), max_tokens=eval_tokens, progress=progress)
-                manifest["fidelity"] = fidelity.to_dict()
-                manifest = write_manifest(tmp, {k: v for k, v in manifest.items() if k != "files"})
+                manifest = _record_fidelity(tmp, manifest, source, eval_tokens, progress)
     finally:
         reader.close()
     return BuildResult(output, the_plan, manifest)
+
+
+def _cache_key(reader, options: GraphOptions, precision: str, quant: QuantOptions) -> str:
+    """The export cache's key: everything the exported graph depends on."""
+    from ..export.cache import cache_key
+
+    return cache_key(reader.fingerprint(), options=options, precision=precision, quant=quant, graph=GRAPH_REVISION)
+
+
+def _write_tokenizer(reader, tmp: Path, progress: Progress | None) -> tuple[dict, str | None]:
+    """``tokenizer.json`` and ``chat_template.jinja`` (when the model has one); (special tokens, template)."""
+    special = reader.special_tokens()
+    (tmp / "tokenizer.json").write_text(reader.tokenizer_json(), encoding="utf-8")
+    template = reader.chat_template()
+    if template:
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+    if progress:
+        progress("tokenizer", 1, 1)
+    return special, template
+
+
+def _record_fidelity(tmp: Path, manifest: dict, source: ModelSource, eval_tokens: int,
+                     progress: Progress | None) -> dict:
+    """Score the staged bundle against its own source and rewrite the manifest with a ``fidelity`` section."""
+    from .evaluate import evaluate
+
+    fidelity = evaluate(tmp, str(source.path), max_tokens=eval_tokens, progress=progress)
+    manifest["fidelity"] = fidelity.to_dict()
+    return write_manifest(tmp, {k: v for k, v in manifest.items() if k != "files"})
 
 
 def _export(reader, source, tmp: Path, options: GraphOptions, precision: str, quant: QuantOptions,
