@@ -1,8 +1,7 @@
-"""``edgekit serve``: an OpenAI-compatible HTTP API for one bundle, for smart-home hubs and robot stacks.
+"""``serve()``: one bundle served on a port until SIGTERM/SIGINT, and the checks before the port opens.
 
-Not part of ``edgekit.runtime``: this package needs the ``serve`` extra (starlette, uvicorn), imported only
-when a server is created. ``serve()`` runs until SIGTERM/SIGINT; ``edgekit.server.app.create_app`` gives
-the ASGI app for a loaded model without opening a port.
+Only the standard library at import: starlette and uvicorn (the ``serve`` extra) are imported when a server
+is started, after :func:`require_extra` has said which of them is missing.
 """
 
 from __future__ import annotations
@@ -95,15 +94,9 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
     read_manifest(bundle)  # a wrong path fails here, before a port is opened
     model_id = model_name or Path(bundle).resolve().name
 
-    from ._uvicorn import run_server
-    from .app import MAX_BODY_BYTES, create_app
+    from .app import create_app
 
-    if max_body_bytes is None:
-        max_body_bytes = MAX_BODY_BYTES
-    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1024:
-        raise UserInputError(f"invalid max_body_bytes {max_body_bytes!r}: use at least 1024 bytes (1KiB); the "
-                             "default is 8MiB")
-
+    max_body_bytes = _body_limit(max_body_bytes)
     sock = bind(host, port)
     url = url_for(host, sock.getsockname()[1])
     failure: list[BaseException] = []
@@ -126,15 +119,35 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, api_
                      shutdown_timeout=shutdown_timeout, thinking_budget=thinking_budget, tool_choice=tool_choice,
                      loader=load_model,
                      on_ready=ready, on_load_failed=load_failed)
+    _run(app, sock, host=host, log_level=log_level, shutdown_timeout=shutdown_timeout,
+         on_listening=lambda: on_listening and on_listening(url), server_ref=server_ref)
+    if failure:
+        raise failure[0]
+
+
+def _body_limit(max_body_bytes: int | None) -> int:
+    """``max_body_bytes`` checked, or the default (8 MiB)."""
+    from .admit import MAX_BODY_BYTES
+
+    if max_body_bytes is None:
+        max_body_bytes = MAX_BODY_BYTES
+    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1024:
+        raise UserInputError(f"invalid max_body_bytes {max_body_bytes!r}: use at least 1024 bytes (1KiB); the "
+                             "default is 8MiB")
+    return max_body_bytes
+
+
+def _run(app, sock: socket.socket, *, host: str, log_level: str, shutdown_timeout: float,
+         on_listening: Callable[[], object], server_ref: list) -> None:
+    """Run uvicorn on ``sock`` until a signal, then close the port and let go of the model."""
+    from ._uvicorn import run_server
+
     state = app.state.server
     try:
         run_server(app, sock, host=host, log_level=log_level, shutdown_timeout=shutdown_timeout,
-                   on_signal=state.begin_shutdown, on_listening=lambda: on_listening and on_listening(url),
-                   server_ref=server_ref)
+                   on_signal=state.begin_shutdown, on_listening=on_listening, server_ref=server_ref)
     finally:
         sock.close()
         state.join()
         if state.model is not None:
             state.model.close()
-    if failure:
-        raise failure[0]
