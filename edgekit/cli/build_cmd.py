@@ -2,74 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
 
-from . import cli
-from .plan_cmd import _parse_context
-
-
-class _Progress:
-    """Stage progress on stderr. The export stage counts bytes written (with rate and time left); others count
-    steps. A terminal gets a rich bar; anything else (a log, CI, ``| tee``) a plain line every few seconds."""
-
-    EVERY_S = 3.0
-    BYTE_STAGES = ("export",)
-
-    def __init__(self):
-        import sys
-
-        self.bar = None
-        self.tasks: dict[str, int] = {}
-        self.started: dict[str, float] = {}
-        self.printed: dict[str, float] = {}
-        if not sys.stderr.isatty():
-            return
-        try:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[detail]}"),
-                                TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-        except ImportError:
-            pass
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.__exit__(*exc)
-
-    def detail(self, stage: str, done: int, total: int, now: float) -> str:
-        if stage not in self.BYTE_STAGES:
-            return f"{done}/{total}"
-        from ..units import fmt_bytes
-
-        elapsed = now - self.started[stage]
-        text = f"{fmt_bytes(done)} of {fmt_bytes(total)} ({100 * done / max(total, 1):.0f}%)"
-        if elapsed > 0.5 and done:
-            rate = done / elapsed
-            left = max(total - done, 0) / rate
-            text += f", {fmt_bytes(int(rate))}/s, {int(left) // 60}m{int(left) % 60:02d}s left"
-        return text
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        self.started.setdefault(stage, now)
-        if self.bar is None:
-            if done in (0, total) or now - self.printed.get(stage, 0.0) >= self.EVERY_S:
-                self.printed[stage] = now
-                click.echo(f"{stage}: {self.detail(stage, done, total, now)}", err=True)
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=max(total, 1), detail="")
-        self.bar.update(self.tasks[stage], completed=done if total else 1,
-                        detail=self.detail(stage, done, total, now))
+from ._common import StageProgress, cli, parse_context
 
 
 def _default_cache() -> Path:
@@ -128,7 +65,7 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
     if precision:
         precision = precision.strip().lower()
         check_combination(target, backend, precision)
-    context = _parse_context(context_text)
+    context = parse_context(context_text)
     if calibration is not None:
         from ..build.calibration import load_samples
 
@@ -148,7 +85,7 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
         raise click.UsageError(f"{output} exists: pass --force to replace it, or choose another -o")
     click.echo(f"building {source.spec.name or source.display} ({source.spec.parameters:,} parameters) for "
                f"{target.name} at {bp.precision}, context {bp.options.max_context} -> {output}", err=True)
-    with _Progress() as progress:
+    with StageProgress() as progress:
         result = build(bp, target, output=output, force=force, progress=progress,
                        cache_dir=None if no_cache else (cache_dir or _default_cache()), eval_tokens=eval_tokens)
     m = result.manifest

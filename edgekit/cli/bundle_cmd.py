@@ -9,7 +9,7 @@ import click
 
 from ..runtime.bundle import read_manifest, verify
 from ..units import fmt_bytes
-from . import cli, echo_json
+from ._common import cli, echo_json
 
 # Manifest strings are untrusted: escape control characters so a bundle cannot drive the terminal.
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from . import cli, echo_json
+from ._common import StageProgress, cli, echo_json
 
 
 @cli.command("eval")
@@ -28,9 +28,8 @@ def eval_cmd(bundle: Path, reference: str, text: Path | None, max_tokens: int, t
              work_dir: Path | None, as_json: bool) -> None:
     """Compare BUNDLE with its reference on the same tokens: top-1 agreement, KL divergence, perplexity."""
     from ..build.evaluate import GENERATED, evaluate
-    from .build_cmd import _Progress
 
-    with _Progress() as progress:
+    with StageProgress() as progress:
         result = evaluate(bundle, reference, text=text, max_tokens=max_tokens, threads=threads,
                           backend=backend, work_dir=work_dir, progress=progress)
     if as_json:

@@ -22,7 +22,7 @@ import click
 
 from ..errors import UserInputError
 from ..units import fmt_bytes
-from . import cli, echo_json
+from ._common import cli, echo_json
 
 # Text from a device or a manifest is untrusted: escape control characters so it cannot drive the terminal.
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")

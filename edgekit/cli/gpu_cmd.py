@@ -11,7 +11,7 @@ import time
 import click
 
 from ..units import fmt_bytes
-from . import cli, echo_json
+from ._common import cli, echo_json
 
 
 # ----- doctor ---------------------------------------------------------------------------------------------

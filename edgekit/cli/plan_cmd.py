@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..errors import UserInputError
 from ..units import fmt_bytes, parse_size
-from . import cli, echo_json
+from ._common import cli, echo_json, parse_context
 
 DEFAULT_PRECISION = "int4"     # the smallest faithful choice on every target (GPU, Jetson and CPU)
 DEFAULT_CONTEXT = 4096
@@ -63,7 +62,7 @@ def plan_cmd(ctx: click.Context, model: str, target_name: str, precision: str, c
     source = resolve(model, config_only=True)
     spec = source.spec
     context = (min(DEFAULT_CONTEXT, spec.max_position_embeddings) if context_text is None
-               else _parse_context(context_text))
+               else parse_context(context_text))
     quant = None
     if kv_cache != "float":
         from ..quant.sizes import QuantSettings
@@ -98,15 +97,6 @@ def _build_memory_warning(spec, precision: str) -> str | None:
         return None
     return (f"building this model at {precision} needs about {fmt_bytes(need)} of memory but this machine has "
             f"{fmt_bytes(have)} available ({where}): build on a machine with more memory, or close other programs")
-
-
-def _parse_context(text: str) -> int:
-    t = text.strip().lower()
-    scale = 1024 if t.endswith("k") else 1
-    digits = t[:-1] if scale > 1 else t
-    if not digits.isdigit() or int(digits) == 0:
-        raise UserInputError(f"invalid context {text!r}: give a positive number of tokens, e.g. 4096 or 32k")
-    return int(digits) * scale
 
 
 def _print_plan(p, spec, display: str) -> None:

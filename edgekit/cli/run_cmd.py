@@ -7,32 +7,11 @@ from pathlib import Path
 
 import click
 
-from . import cli, echo_json
+from ._common import cli, echo_json, speculation, speculative_options
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 CHAT_HELP = ("commands: /reset clears the conversation, /exit (or /quit, /bye, Ctrl-D) quits, /help shows this; "
              "start a message with // to send a line that begins with /")
-
-
-def speculative_options(f):
-    """--speculative/--draft-tokens/--ngram: shared by run, chat, bench and serve."""
-    f = click.option("--ngram", type=click.IntRange(1, 16), default=3, show_default=True, metavar="N",
-                     help="Prompt lookup: match the last N tokens (then shorter, down to 2).")(f)
-    f = click.option("--draft-tokens", type=click.IntRange(1, 16), default=5, show_default=True, metavar="K",
-                     help="Speculative decoding: at most K drafted tokens checked per model step.")(f)
-    return click.option("--speculative", default=None, metavar="ngram|BUNDLE",
-                        help="Speculative decoding (off by default): 'ngram' drafts by prompt lookup, a path "
-                             "drafts with that smaller bundle (same tokenizer).")(f)
-
-
-def speculation(speculative: str | None, draft_tokens: int, ngram: int):
-    """The load(speculative=...) value for the CLI options (None: off)."""
-    if speculative is None:
-        return None
-    from ..runtime.speculative import Speculation
-
-    return Speculation(draft="ngram" if speculative == "ngram" else Path(speculative), k=draft_tokens,
-                       ngram=ngram, min_ngram=min(2, ngram))
 
 
 def _load_options(f):

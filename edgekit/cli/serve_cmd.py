@@ -8,8 +8,7 @@ import stat
 import click
 
 from ..errors import UserInputError
-from . import cli
-from .run_cmd import speculation, speculative_options
+from ._common import cli, speculation, speculative_options
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import DeployFailed
 from ..units import fmt_bytes
+from .ssh import Session
 
 # An id made by edgekit.runtime.bundle.bundle_id: anything else in DIR/releases is not ours and is left alone.
 RELEASE_ID = re.compile(r"^[0-9a-f]{12}$")
@@ -177,6 +178,20 @@ def _release_of(link: str) -> str | None:
 
 def parse_probe(text: str, device: str) -> tuple[DeviceInfo, DeviceState]:
     """DeviceInfo and DeviceState from the probe's output. DeployFailed if it did not run to the end."""
+    keys, history, releases, target_files = _read_probe(text)
+    if keys.get("probe") != "1" or keys.get("probe_end") != "1" or "dir" not in keys:
+        raise DeployFailed(f"{device}: the device probe did not complete (is its login shell able to run sh, with "
+                           "coreutils installed?): run `ssh <device> uname -a` to check", device=device)
+    link = keys.get("current")
+    current = _release_of(link) if link else None
+    state = DeviceState(current=current, current_foreign=link if link and not current else None,
+                        current_not_link="current_not_link" in keys,
+                        history=tuple(history), releases=releases, target_files=target_files)
+    return _device_info(keys), state
+
+
+def _read_probe(text: str) -> tuple[dict[str, str], list[str], dict[str, RemoteRelease], dict[str, int]]:
+    """The probe's lines sorted out: (KEY=VALUE pairs, history, releases, the target folder's file sizes)."""
     keys: dict[str, str] = {}
     history: list[str] = []
     releases: dict[str, RemoteRelease] = {}
@@ -194,11 +209,7 @@ def parse_probe(text: str, device: str) -> tuple[DeviceInfo, DeviceState]:
                 i += 1
             i += 1
             if RELEASE_ID.match(rid):
-                try:
-                    data = json.loads("\n".join(body))
-                except ValueError:
-                    data = None
-                releases[rid] = RemoteRelease(rid, True, data if isinstance(data, dict) else None)
+                releases[rid] = RemoteRelease(rid, True, _json_object("\n".join(body)))
             continue
         key, sep, value = line.partition("=")
         if not sep:
@@ -215,15 +226,24 @@ def parse_probe(text: str, device: str) -> tuple[DeviceInfo, DeviceState]:
                 target_files[name[2:]] = int(size)
         else:
             keys[key] = value
-    if keys.get("probe") != "1" or keys.get("probe_end") != "1" or "dir" not in keys:
-        raise DeployFailed(f"{device}: the device probe did not complete (is its login shell able to run sh, with "
-                           "coreutils installed?): run `ssh <device> uname -a` to check", device=device)
+    return keys, history, releases, target_files
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    return data if isinstance(data, dict) else None
+
+
+def _device_info(keys: dict[str, str]) -> DeviceInfo:
     l4t, jetpack = _l4t(keys["l4t"]) if "l4t" in keys else (None, None)
     gpu, gpu_sm = None, None
     if keys.get("gpu"):
         name, _, sm = keys["gpu"].rpartition(",")
         gpu, gpu_sm = (name.strip(), sm.strip()) if name else (keys["gpu"].strip(), None)
-    info = DeviceInfo(
+    return DeviceInfo(
         path=keys["dir"], arch=keys.get("arch", "unknown"), os=keys.get("os", "unknown"),
         kernel=keys.get("kernel", ""), l4t=l4t, jetpack=jetpack, model=keys.get("model") or None,
         tensorrt=keys.get("tensorrt") or None, gpu=gpu, gpu_sm=gpu_sm,
@@ -231,12 +251,13 @@ def parse_probe(text: str, device: str) -> tuple[DeviceInfo, DeviceState]:
         disk_free=_kb(keys.get("disk_free_kb")), disk_mount=keys.get("disk_mount"),
         writable=keys.get("writable") == "1", sha256sum=keys.get("sha256sum") == "1",
         python_path=keys.get("python_path"), python=keys.get("python"), edgekit=keys.get("edgekit"))
-    link = keys.get("current")
-    current = _release_of(link) if link else None
-    state = DeviceState(current=current, current_foreign=link if link and not current else None,
-                        current_not_link="current_not_link" in keys,
-                        history=tuple(history), releases=releases, target_files=target_files)
-    return info, state
+
+
+def run_probe(session: Session, release_id: str = "") -> tuple[DeviceInfo, DeviceState]:
+    """Run PROBE_SCRIPT on the session's device (``release_id``: the release about to be flashed, if any)."""
+    d = session.device
+    done = session.run(PROBE_SCRIPT, [d.path, release_id, d.python], what="probing the device")
+    return parse_probe(done.stdout, d.name)
 
 
 # ----- does the bundle belong on this device? ---------------------------------------------------------------
@@ -265,10 +286,19 @@ def check_device(manifest, info: DeviceInfo, *, needs_edgekit: str | None = None
     """
     problems: list[str] = []
     warnings: list[str] = []
+    software = _target_software(str(manifest.target.get("name"))) or {}
+    _check_target(manifest, info, software, problems, warnings)
+    _check_software(manifest, info, software, problems, warnings)
+    _check_tools(info, needs_edgekit, problems)
+    return problems, warnings
+
+
+def _check_target(manifest, info: DeviceInfo, software: dict[str, str], problems: list[str],
+                  warnings: list[str]) -> None:
+    """The device is the kind of machine the bundle's target is: Jetson and JetPack, desktop GPU and its SM."""
     target = manifest.target
     tname, kind, sm = target.get("name"), target.get("kind"), target.get("compute_capability")
     backend = manifest.backend
-    software = _target_software(str(tname)) or {}
     what = f"bundle {manifest.id} is for {tname}"
     if kind == "jetson":
         want_jp = _major(software.get("jetpack"))
@@ -295,6 +325,13 @@ def check_device(manifest, info: DeviceInfo, *, needs_edgekit: str | None = None
                             "only on the GPU architecture it was built for; rebuild with that GPU's --target")
     elif kind != "cpu":
         warnings.append(f"unknown target kind {kind!r} in the bundle: not checked against the device")
+
+
+def _check_software(manifest, info: DeviceInfo, software: dict[str, str], problems: list[str],
+                    warnings: list[str]) -> None:
+    """TensorRT's version for a bundle with an engine, and the memory the bundle plans."""
+    kind = manifest.target.get("kind")
+    what = f"bundle {manifest.id} is for {manifest.target.get('name')}"
     want_trt = software.get("tensorrt")
     if manifest.engine is not None and want_trt and info.tensorrt:
         have = ".".join(info.tensorrt.split("-")[0].split(".")[:2])
@@ -302,12 +339,17 @@ def check_device(manifest, info: DeviceInfo, *, needs_edgekit: str | None = None
             problems.append(f"{what} with an engine for TensorRT {want_trt} but the device has TensorRT {have}: "
                             "engines only load in the TensorRT version that built them; flash with --build-engine "
                             "to build it on the device")
-    elif backend == "tensorrt" and info.tensorrt is None and kind in ("jetson", "desktop-gpu") and not problems:
+    elif manifest.backend == "tensorrt" and info.tensorrt is None and kind in ("jetson", "desktop-gpu") \
+            and not problems:
         warnings.append("TensorRT was not found on the device (dpkg); the bundle's backend is tensorrt")
     need_mem = manifest.memory.get("total_bytes")
     if isinstance(need_mem, int) and info.mem_total and need_mem > info.mem_total and not problems:
         warnings.append(f"the bundle plans {fmt_bytes(need_mem)} of memory but the device has "
                         f"{fmt_bytes(info.mem_total)} in total")
+
+
+def _check_tools(info: DeviceInfo, needs_edgekit: str | None, problems: list[str]) -> None:
+    """What flash itself needs on the device: sha256sum, a writable folder, and edgekit for ``needs_edgekit``."""
     if not info.sha256sum:
         problems.append("the device has no sha256sum, which flash needs to verify files on the device: install "
                         "coreutils there")
@@ -321,7 +363,6 @@ def check_device(manifest, info: DeviceInfo, *, needs_edgekit: str | None = None
         elif not info.edgekit:
             problems.append(f"{needs_edgekit} runs edgekit on the device, but {info.python_path} cannot import it: "
                             "pip install edgekit on the device, or point --remote-python at a python that has it")
-    return problems, warnings
 
 
 def check_space(info: DeviceInfo, need: int, *, device: str) -> str | None:

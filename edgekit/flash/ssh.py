@@ -88,6 +88,11 @@ def parse_device(text: str, **defaults) -> Device:
     return Device(dest, **kw)
 
 
+def as_device(device: str | Device) -> Device:
+    """``device`` itself, or the :class:`Device` that ``"user@host[:PATH]"`` / an ssh_config name stands for."""
+    return device if isinstance(device, Device) else parse_device(device)
+
+
 def remote_command(script: str, args: tuple[str, ...] | list[str] = ()) -> str:
     """The one-line command ssh hands to the remote login shell: the script and its arguments, quoted."""
     return " ".join(["env", "LC_ALL=C", "sh", "-c", shlex.quote(script), "sh", *(shlex.quote(str(a)) for a in args)])

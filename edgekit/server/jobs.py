@@ -22,15 +22,16 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..errors import GenerationError
+from .api_errors import ApiError, bad, error_body
 from .queue import ClientGone, ShuttingDown, Ticket
-from .schemas import ApiError, ChatParams, bad, error_body
+from .schemas import ChatParams
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from .state import ServerState
 
 log = logging.getLogger("edgekit.server")
 
-_END = object()  # the worker thread's last item on a job's event queue
+END = object()  # the worker thread's last item on a job's event queue
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -156,14 +157,14 @@ def _generate(model, kwargs: dict, cancel: threading.Event, push: Callable[[Any]
     except Exception as e:  # handed to the request's task, which answers it as a 4xx/5xx
         push(e)
     finally:
-        push(_END)
+        push(END)
     return result
 
 
 _SHUTTING_DOWN = ApiError(503, "the server is shutting down: retry after it restarts", type="server_error",
                           code="shutting_down")
-_SHUT_DOWN = ApiError(503, "the server shut down before the generation finished", type="server_error",
-                      code="shutting_down")
+SHUT_DOWN = ApiError(503, "the server shut down before the generation finished", type="server_error",
+                     code="shutting_down")
 
 
 def _finish(reason: str) -> str:
@@ -206,7 +207,8 @@ def _sse(obj) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def _failure(exc: BaseException) -> ApiError:
+def generation_error(exc: BaseException) -> ApiError:
+    """The answer to an exception from the worker thread: 400 for a GenerationError, else 500 (logged here)."""
     if isinstance(exc, GenerationError):
         return bad(str(exc))
     log.error("generation failed", exc_info=exc)
@@ -260,10 +262,10 @@ class ChatResponse(Response):
         job, result, failure = self.job, None, None
         while True:
             item = await job.events.get()
-            if item is _END:
+            if item is END:
                 break
             if isinstance(item, BaseException):
-                failure = _failure(item)
+                failure = generation_error(item)
             elif item.kind == "done":
                 result = item.result
         watcher.cancel()  # the answer is one send: nothing left to cancel
@@ -273,7 +275,7 @@ class ChatResponse(Response):
         if result is None or job.stop_reason == "client":
             return
         if result.finish_reason == "cancelled":
-            await send_json(send, 503, self.error_json(_SHUT_DOWN))
+            await send_json(send, 503, self.error_json(SHUT_DOWN))
             return
         await send_json(send, 200, self.answer_json(result))
         job.answered = True
@@ -294,10 +296,10 @@ class ChatResponse(Response):
         calls: list = []
         while True:
             item = await job.events.get()
-            if item is _END:
+            if item is END:
                 break
             if isinstance(item, BaseException):
-                await emit(_failure(item).body())
+                await emit(generation_error(item).body())
                 continue
             if item.kind == "reasoning":
                 await emit(job.chunk({"reasoning_content": item.text}))

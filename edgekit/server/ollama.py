@@ -2,9 +2,9 @@
 over the same model, slot, queue and worker thread as the OpenAI API.
 
 Clients written for Ollama (Home Assistant's Ollama integration, the ``ollama`` Python client, Open WebUI)
-point at ``edgekit serve`` unchanged. Requests go through :func:`edgekit.server.app.admit` (parse, render,
+point at ``edgekit serve`` unchanged. Requests go through :func:`edgekit.server.admit.admit` (parse, render,
 tokenize, take a place at the slot) and :class:`edgekit.server.jobs.Job` (worker thread, cancellation on
-disconnect); only the request fields and the answer's shape differ:
+disconnect); only the request fields (:mod:`edgekit.server.ollama_request`) and the answer's shape (here) differ:
 
 - streaming is the default (NDJSON, one object per line, ``done: true`` on the last), ``stream: false`` answers
   one object; durations are in nanoseconds;
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,228 +32,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
-from ..runtime.answer_format import AnswerFormat, json_answer
-from .jobs import _END, _SHUT_DOWN, ChatResponse, _failure
-from .schemas import (
-    ApiError,
-    ChatParams,
-    _bool,
-    _float,
-    _int,
-    _json_type,
-    _messages,
-    _show,
-    _stop,
-    _utf8,
-    bad,
-    parse_tools_fields,
-)
+from .admit import admit, read_body
+from .api_errors import ApiError
+from .fields import parse_json_body
+from .jobs import END, SHUT_DOWN, ChatResponse, generation_error
+from .ollama_request import OllamaParams, check_model_name, parse_chat, parse_generate
 
 _NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache"),
            (b"x-accel-buffering", b"no")]
-# The options this server applies (Ollama's names); any other is refused with a 400 naming it.
-_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "num_predict", "stop", "num_ctx")
-_NOT_YET = {"images": "this model reads text only: send the request without images",
-            "suffix": "fill-in-the-middle (suffix) is not supported: send the request without suffix",
-            "template": "a per-request template is not supported: the bundle's chat template is used; send the "
-                        "request without template",
-            "context": "context (token ids of an earlier answer) is not supported: send the conversation as "
-                       "messages to /api/chat"}
-
-
-@dataclass(frozen=True)
-class OllamaParams(ChatParams):
-    """One /api/chat or /api/generate request: ChatParams, or a raw prompt instead of messages."""
-
-    model: str = ""                    # the name the client sent, echoed in the answer
-    prompt: str | None = None          # /api/generate with raw: true (no chat template); messages is None
-    chat: bool = True                  # answer as /api/chat (message) or /api/generate (response)
-    num_ctx: int | None = None
-    think: bool | None = None          # False: no thinking is shown (the forced-closed thought is a newline)
-
-    def runtime_kwargs(self) -> dict[str, Any]:
-        kwargs = super().runtime_kwargs()
-        if self.messages is None:
-            del kwargs["messages"]
-            kwargs["prompt"] = self.prompt
-        return kwargs
-
-
-# ----- request parsing ----------------------------------------------------------------------------------
-def _model_name(body: dict, state) -> str:
-    name = body.get("model", body.get("name"))   # "name" is Ollama's older spelling
-    if name is None or name == "":
-        raise bad("model is required: send the name GET /api/tags lists", "model")
-    if not isinstance(name, str):
-        raise bad(f"model must be a string, got {_json_type(name)}", "model")
-    served = state.model_id or "edgekit"
-    if name not in (served, served + ":latest"):
-        raise ApiError(404, f"model {_show(name)} not found: this server serves {json.dumps(served)} "
-                            "(GET /api/tags lists it)", param="model", code="model_not_found")
-    return name
-
-
-def _refuse_unsupported(body: dict) -> None:
-    for name, why in _NOT_YET.items():
-        if body.get(name) not in (None, [], ""):
-            raise bad(why, name)
-
-
-def _options(body: dict, model) -> dict[str, Any]:
-    opts = body.get("options")
-    if opts is None:
-        return {}
-    if not isinstance(opts, dict):
-        raise bad(f"options must be an object such as {{\"temperature\": 0.7}}, got {_json_type(opts)}", "options")
-    unknown = sorted(k for k, v in opts.items() if k not in _OPTIONS and v is not None)
-    if unknown:
-        raise bad(f"options.{unknown[0][:60]} is not supported by edgekit serve: use {', '.join(_OPTIONS)}",
-                  f"options.{unknown[0][:60]}")
-    # Checked under their full names, so a message says "options.top_p", the field the client sent.
-    o = {f"options.{k}": v for k, v in opts.items()}
-    out: dict[str, Any] = {
-        "temperature": _float(o, "options.temperature", 0, 2),
-        "top_p": _float(o, "options.top_p", 0, 1),
-        "top_k": _int(o, "options.top_k", 0, what=" (0 = off)"),
-        "min_p": _float(o, "options.min_p", 0, 1, hi_open=True, what=" (0 = off)"),
-        "repetition_penalty": _float(o, "options.repeat_penalty", 0, float("inf"), lo_open=True, hi_open=True,
-                                     what=" (1 = off)"),
-        "seed": _int(o, "options.seed", -(2**63), 2**64 - 1),
-    }
-    if out["top_p"] == 0:      # as on the OpenAI API: the smallest set with mass >= 0 is the top token
-        out["temperature"], out["top_p"] = 0.0, None
-    if out["seed"] is not None and out["seed"] < 0:
-        out["seed"] %= 2**64   # Ollama's default seed is -1; the sampler wants a non-negative one
-    num_predict = _int(o, "options.num_predict", -2, what=" (-1 = until the context is full)")
-    if num_predict == 0:
-        raise bad("invalid options.num_predict 0: use a whole number >= 1, or -1 to generate until the context "
-                  "is full", "options.num_predict")
-    # -1 (and Ollama's -2, fill the context): as many as the context holds; run() stops at its end.
-    out["max_tokens"] = model.max_context if num_predict is not None and num_predict < 0 else num_predict
-    num_ctx = _int(o, "options.num_ctx", 1)
-    if num_ctx is not None and num_ctx > model.max_context:
-        raise bad(f"options.num_ctx {num_ctx} is larger than this server's context of {model.max_context} tokens "
-                  f"(edgekit serve --max-context): send num_ctx <= {model.max_context} (in Home Assistant: the "
-                  "integration's context window size)", "options.num_ctx")
-    out["num_ctx"] = num_ctx
-    try:
-        out["stop"] = _stop(opts.get("stop"))
-    except ApiError as e:
-        raise bad("options." + e.message, "options.stop") from None
-    return out
-
-
-def _think(body: dict, model) -> dict[str, Any]:
-    """``think`` and the thinking budget it asks for: None = the default, 0 = answer at once."""
-    think = _bool(body, "think")
-    reasoning = bool(model.defaults.get("reasoning"))
-    if think and not reasoning:
-        raise bad(f"{json.dumps(body.get('model'))} does not support thinking: send the request without think "
-                  "(only R1 bundles reason)", "think")
-    return {"think": think, "thinking_budget": 0 if think is False and reasoning else None}
-
-
-def _chat_messages(value: Any) -> list[dict[str, str]]:
-    if isinstance(value, list):
-        for i, m in enumerate(value):
-            if not isinstance(m, dict):
-                continue   # _messages names it
-            if m.get("images"):
-                raise bad(f"messages[{i}].images: this model reads text only", f"messages[{i}].images")
-            thinking = m.get("thinking")
-            if thinking is not None and not isinstance(thinking, str):
-                raise bad(f"messages[{i}].thinking must be a string", f"messages[{i}].thinking")
-            # An assistant turn's thinking is not sent back to the model (DeepSeek's guidance for R1).
-        value = _openai_tool_messages(value)
-    return _messages(value)
-
-
-def _openai_tool_messages(value: list) -> list:
-    """Ollama's tool turns in OpenAI's shape (what schemas._messages checks): a call's arguments are an object
-    here, a JSON string there; a tool result names the tool (``tool_name``) or nothing (Home Assistant sends
-    only the content) and gets the id of the call it answers, in order."""
-    out, pending = [], []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            out.append(m)
-            continue
-        calls = m.get("tool_calls")
-        if m.get("role") == "assistant" and calls is not None:
-            if not isinstance(calls, list):
-                raise bad(f"messages[{i}].tool_calls must be a list of tool calls", f"messages[{i}].tool_calls")
-            converted = []
-            for j, c in enumerate(calls):
-                f = c.get("function") if isinstance(c, dict) else None
-                if not isinstance(f, dict):
-                    raise bad(f"messages[{i}].tool_calls[{j}] must be {{\"function\": {{\"name\": ..., "
-                              "\"arguments\": {...}}}}}", f"messages[{i}].tool_calls[{j}]")
-                args = f.get("arguments", {})
-                if not isinstance(args, dict):
-                    raise bad(f"messages[{i}].tool_calls[{j}].function.arguments must be an object",
-                              f"messages[{i}].tool_calls[{j}].function.arguments")
-                cid = c.get("id") if isinstance(c.get("id"), str) and c.get("id") else f"call_{i}_{j}"
-                converted.append({"id": cid, "type": "function", "function": {
-                    "name": f.get("name"), "arguments": json.dumps(args, ensure_ascii=False)}})
-            pending = [(c["id"], c["function"]["name"]) for c in converted]
-            m = {**m, "tool_calls": converted}
-        elif m.get("role") == "tool":
-            name = m.get("tool_name", m.get("name"))
-            if name is not None and not isinstance(name, str):
-                raise bad(f"messages[{i}].tool_name must be a string", f"messages[{i}].tool_name")
-            at = next((k for k, (_, n) in enumerate(pending) if name is None or n == name), None)
-            cid, called = pending.pop(at) if at is not None else (f"call_{i}", name)
-            m = {**m, "tool_call_id": m.get("tool_call_id") or cid, "name": name or called}
-        out.append(m)
-    return out
-
-
-def _common(body: dict, model, state, **text) -> OllamaParams:
-    name = _model_name(body, state)
-    _refuse_unsupported(body)
-    stream = _bool(body, "stream")
-    keep_alive = body.get("keep_alive")   # the model stays loaded for the server's life: nothing to schedule
-    if keep_alive is not None and not isinstance(keep_alive, (str, int, float)):
-        raise bad(f"keep_alive must be a duration such as \"5m\" or a number of seconds, got "
-                  f"{_json_type(keep_alive)}", "keep_alive")
-    return OllamaParams(model=name, stream=stream is not False, **_think(body, model),
-                        **_options(body, model), answer_format=_format(body.get("format")), **text)
-
-
-def _format(value: Any) -> AnswerFormat | None:
-    """Ollama's ``format``: "json" (any JSON object) or a JSON schema object; the schema is compiled later,
-    for the model's tokenizer (a 400 naming ``format`` if the constraint library rejects it)."""
-    if value is None or value == "":
-        return None
-    if value == "json":
-        return json_answer(None, name="format")
-    if not isinstance(value, dict):
-        raise bad(f"format must be \"json\" or a JSON schema object, got {_json_type(value)} {_show(value)}",
-                  "format")
-    return json_answer(value, name="format")
-
-
-def parse_chat(body: dict, model, state) -> OllamaParams:
-    tools, choice = parse_tools_fields(body.get("tools"), None)   # Ollama has no tool_choice: "auto"
-    return _common(body, model, state, messages=_chat_messages(body.get("messages")), tools=tools,
-                   tool_choice=choice)
-
-
-def parse_generate(body: dict, model, state) -> OllamaParams:
-    if body.get("tools") not in (None, []):
-        raise bad("tools are for /api/chat: send the request there, as messages", "tools")
-    prompt, system = body.get("prompt"), body.get("system")
-    if not isinstance(prompt, str):
-        raise bad(f"prompt must be a string, got {_json_type(prompt)}", "prompt")
-    if system is not None and not isinstance(system, str):
-        raise bad(f"system must be a string, got {_json_type(system)}", "system")
-    prompt = _utf8(prompt, "prompt")
-    if _bool(body, "raw"):
-        if system:
-            raise bad("system has no effect with raw: true (no template is applied): put it in the prompt",
-                      "system")
-        return _common(body, model, state, messages=None, prompt=prompt, chat=False)
-    messages = [{"role": "system", "content": _utf8(system, "system")}] if system else []
-    return _common(body, model, state, messages=messages + [{"role": "user", "content": prompt}], chat=False)
 
 
 # ----- answers ------------------------------------------------------------------------------------------
@@ -339,10 +124,10 @@ class OllamaResponse(ChatResponse):
         parser = plan.parser() if plan is not None and job.params.chat else None
         while True:
             item = await job.events.get()
-            if item is _END:
+            if item is END:
                 break
             if isinstance(item, BaseException):
-                await emit(self.error_json(_failure(item)))
+                await emit(self.error_json(generation_error(item)))
             elif item.kind == "reasoning" and job.params.think is not False:
                 await emit(self._piece(thinking=item.text))
             elif item.kind == "answer" and parser is not None:
@@ -357,7 +142,7 @@ class OllamaResponse(ChatResponse):
                 await emit(piece)
         if result is not None and result.finish_reason == "cancelled":
             if job.stop_reason == "shutdown":
-                await emit(self.error_json(_SHUT_DOWN))
+                await emit(self.error_json(SHUT_DOWN))
         elif result is not None:
             await emit(self._last(result))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -385,15 +170,13 @@ def _loaded_only(body: dict, chat: bool) -> bool:
 
 
 async def _generating(request: Request, parse) -> Response:
-    from .app import admit  # app imports this module for its routes
-
     state = request.app.state.server
     model = state.require_model()
     loaded: dict = {}
 
     def parse_body(body: dict) -> OllamaParams:
         if _loaded_only(body, parse is parse_chat):
-            loaded["name"] = _model_name(body, state)
+            loaded["name"] = check_model_name(body, state)
             raise _LoadOnly()
         return parse(body, model, state)
 
@@ -460,13 +243,10 @@ async def api_ps(request: Request) -> Response:
 
 @_ollama_errors
 async def api_show(request: Request) -> Response:
-    from .app import _read_body
-    from .schemas import parse_json_body
-
     state = request.app.state.server
     model = state.require_model()
-    body = parse_json_body(await _read_body(request, 64 * 1024), request.headers.get("content-type"))
-    _model_name(body, state)
+    body = parse_json_body(await read_body(request, 64 * 1024), request.headers.get("content-type"))
+    check_model_name(body, state)
     spec, d = model.spec, model.defaults
     capabilities = ["completion", "tools"] + (["thinking"] if d.get("reasoning") else [])
     params = {"temperature": d.get("temperature"), "top_p": d.get("top_p"), "top_k": d.get("top_k"),
