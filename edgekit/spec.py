@@ -16,8 +16,7 @@ from typing import Any
 
 from .architectures import Architecture, lookup
 from .errors import ModelFormatError
-
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+from .runtime.dtypes import DTYPE_BYTES
 
 
 @dataclass(frozen=True)

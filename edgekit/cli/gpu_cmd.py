@@ -138,9 +138,10 @@ def engine_cmd(bundle: str, dry_run: bool, timing_cache: str | None, as_json: bo
     Run it on the device (or one with the same GPU and TensorRT): engines are not portable across GPU
     architectures or TensorRT versions.
     """
-    from ..engine.builder import build_bundle_engine, bundle_plan, check_bundle_graph, import_tensorrt
+    from ..engine.builder import build_bundle_engine, bundle_plan, check_bundle_graph
     from ..engine.compat import check_build
     from ..gpu.probe import probe_driver
+    from ..runtime.trt_compat import import_tensorrt
     from ..target import list_targets
 
     manifest, target, plan = bundle_plan(bundle)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendUnavailable, GenerationError
+from .dtypes import KV_DTYPES
 from .memory import release_free_heap
 from .prefix import TokenRows
-
-_NP = {"float": np.float32, "float32": np.float32, "float16": np.float16, "int8": np.int8}
 
 
 def _providers(backend: str, ort) -> list:
@@ -64,7 +63,7 @@ class OrtDecoder(TokenRows):
                                      "use the onnxruntime-cpu backend explicitly (--backend onnxruntime-cpu), "
                                      "or fix the GPU setup (edgekit doctor)")
         self.device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
-        self.dtype = _NP[kv_dtype]
+        self.dtype = np.dtype(KV_DTYPES[kv_dtype]).type
         self.kv_dtype_name = kv_dtype
         self.vocab = spec.vocab_size
         L, Hkv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim

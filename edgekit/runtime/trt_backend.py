@@ -26,15 +26,16 @@ succeeded (TensorRT crashes the process without a GPU).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from ..errors import BackendUnavailable, BudgetExceeded, BundleError, GenerationError, GpuStepFailed
+from .dtypes import KV_DTYPES
+from .gpu_driver import module_present, probe_driver, tensorrt_version
 from .prefix import TokenRows
+from .trt_compat import check_engine, import_tensorrt
 
 ALIGNMENT = 256           # bytes; the alignment cudaMalloc gives and TensorRT expects of tensor addresses
-_NP = {"float32": np.float32, "float16": np.float16, "float": np.float32}
 
 
 # ----- the bookkeeping, pure ------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class TrtDecoder(TokenRows):
         self._cuda, self._trt = cuda, trt
         self._allocations: list[int] = []
         self._stream = None
-        dtype = np.dtype(_NP.get(kv_dtype, np.float16))
+        dtype = np.dtype(KV_DTYPES.get(kv_dtype, "float16"))
         self.dtype = dtype
         self.layout = KvLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.capacity, dtype.itemsize)
 
@@ -346,9 +347,6 @@ def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None,
     ``probe``/``trt``/``cuda`` are for tests; by default the GPU is probed first and TensorRT imported only
     when the probe found one.
     """
-    from ..engine.compat import check_engine
-    from ..gpu.probe import module_present, probe_driver, tensorrt_version
-
     folder = str(manifest.folder)
     engine = manifest.engine
     if not engine:
@@ -360,7 +358,7 @@ def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None,
     probe = probe if probe is not None else probe_driver()
     installed = str(trt.__version__) if trt is not None else tensorrt_version()
     if installed is None and probe.ok and module_present("tensorrt"):
-        trt = _import_tensorrt()                   # JetPack's apt package may lack pip metadata
+        trt = import_tensorrt()                   # JetPack's apt package may lack pip metadata
         installed = str(trt.__version__)
     check_engine(engine, probe, installed, bundle=folder)
     options = engine.get("options") or {}
@@ -370,7 +368,7 @@ def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None,
     if capacity > built_context:
         raise GenerationError(f"max_context {capacity} is more than the engine was built for ({built_context}): "
                               f"use max_context <= {built_context}, or rebuild the engine")
-    trt = trt if trt is not None else _import_tensorrt()
+    trt = trt if trt is not None else import_tensorrt()
     cuda = cuda if cuda is not None else CudaRuntime.load()
     return TrtDecoder(manifest.path(engine["file"]), spec=manifest.spec(), capacity=capacity,
                       kv_dtype=manifest.graph.get("kv_dtype", "float16"),
@@ -405,11 +403,3 @@ def _deserialize(trt, runtime, engine):
     with open(engine, "rb") as f:
         return runtime.deserialize_cuda_engine(FileReader(f))
 
-
-def _import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise BackendUnavailable(f"the tensorrt Python module cannot be imported ({e}): install TensorRT (Jetson: "
-                                 "sudo apt install python3-libnvinfer; desktop: pip install tensorrt)") from None
-    return tensorrt
