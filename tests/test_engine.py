@@ -39,7 +39,7 @@ from edgekit.runtime import trt_compat
 from edgekit.runtime.bundle import hash_file, read_manifest, verify, write_manifest
 from edgekit.runtime.ort_backend import OrtDecoder
 from edgekit.runtime.trt_backend import KvLayout, TrtDecoder, open_engine_decoder, plan_step
-from edgekit.spec import ModelSpec
+from edgekit.spec import ModelSpec, spec_from_config_file
 from edgekit.target import load_target
 from edgekit.units import GiB, MiB
 
@@ -48,7 +48,7 @@ CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 
 @pytest.fixture(scope="module")
 def r1_15b() -> ModelSpec:
-    return ModelSpec.from_config_file(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B" / "config.json")
+    return spec_from_config_file(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B" / "config.json")
 
 
 @pytest.fixture(scope="module")

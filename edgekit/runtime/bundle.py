@@ -29,6 +29,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import BundleError
+from .model_spec import ModelSpec
 
 SCHEMA = "edgekit.bundle/1"
 MANIFEST = "manifest.json"
@@ -366,9 +367,7 @@ class Manifest:
         return path
 
     def spec(self):
-        """The model section as an ``edgekit.spec.ModelSpec``."""
-        from ..spec import ModelSpec  # lazy: the spec module is only needed by callers that ask
-
+        """The model section as a :class:`edgekit.runtime.model_spec.ModelSpec`."""
         try:
             return ModelSpec.from_dict(self.model)
         except (TypeError, ValueError) as e:
