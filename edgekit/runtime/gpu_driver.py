@@ -49,9 +49,9 @@ STATUSES = ("ok", "no-driver", "stub-driver", "no-device", "error")
 # Python distributions that provide the `tensorrt` module, most common first. JetPack installs it from
 # the python3-libnvinfer Debian package; desktops from PyPI (the tensorrt meta package pulls tensorrt-cu12).
 TENSORRT_DISTS = ("tensorrt", "tensorrt-cu12", "tensorrt_cu12", "tensorrt-cu13", "tensorrt_cu13")
+
 _FIX_ACCESS = ("install the NVIDIA driver (on Jetson it comes with JetPack), or start the container with "
                "--runtime nvidia (Jetson) / --gpus all (desktop)")
-
 
 
 # ----- the driver ---------------------------------------------------------------------------------------
