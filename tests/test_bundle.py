@@ -18,6 +18,7 @@ from edgekit.build.staging import staged_output
 from edgekit.cli import cli
 from edgekit.errors import BundleError, OutputError
 from edgekit.runtime import bundle as B
+from edgekit.runtime.bundle import verification
 from edgekit.spec import spec_from_fields
 
 SPEC = spec_from_fields(
@@ -195,7 +196,7 @@ def test_several_problems_counted(bundle):
 
 
 def test_no_weights_skips_large_hashes_but_checks_sizes(bundle, monkeypatch):
-    monkeypatch.setattr(B, "QUICK_HASH_LIMIT", 5000)     # model.onnx.data (70 kB) counts as weights
+    monkeypatch.setattr(verification, "QUICK_HASH_LIMIT", 5000)     # model.onnx.data (70 kB) counts as weights
     path = bundle / "model.onnx.data"
     data = bytearray(path.read_bytes())
     data[0] ^= 0xFF
@@ -516,13 +517,14 @@ def test_messages_name_the_bundle(bundle):
     assert str(e.value).startswith(f"{bundle / B.MANIFEST} has no 'memory'")
 
 
-def test_bundle_module_imports_only_the_standard_library():
-    # The runtime imports this on devices that have no build dependencies.
+def test_bundle_modules_import_only_the_standard_library():
+    # The runtime imports these on devices that have no build dependencies.
     import ast
     import sys
 
-    tree = ast.parse(Path(B.__file__).read_text())
-    absolute = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    absolute |= {n.module.split(".")[0] for n in ast.walk(tree)
-                 if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module}
-    assert absolute - {"__future__"} <= set(sys.stdlib_module_names), absolute
+    for path in sorted(Path(B.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        absolute = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        absolute |= {n.module.split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module}
+        assert absolute - {"__future__"} <= set(sys.stdlib_module_names), (path.name, absolute)

@@ -35,10 +35,12 @@ from edgekit.engine.engine_plan import (
 )
 from edgekit.errors import BackendUnavailable, BudgetExceeded, BundleError, DoesNotFit, GenerationError, GpuStepFailed
 from edgekit.gpu import probe as gp
+from edgekit.runtime import gpu_driver as gd
+from edgekit.runtime import trt_compat
 from edgekit.runtime.bundle import hash_file, read_manifest, verify, write_manifest
 from edgekit.runtime.ort_backend import OrtDecoder
 from edgekit.runtime.trt_backend import KvLayout, TrtDecoder, open_engine_decoder, plan_step
-from edgekit.spec import ModelSpec
+from edgekit.spec import ModelSpec, spec_from_config_file
 from edgekit.units import GiB, MiB
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -46,7 +48,7 @@ CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 
 @pytest.fixture(scope="module")
 def r1_15b() -> ModelSpec:
-    return ModelSpec.from_config_file(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B" / "config.json")
+    return spec_from_config_file(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B" / "config.json")
 
 
 @pytest.fixture(scope="module")
@@ -134,16 +136,16 @@ def test_profiles_refuse_unknown_dimensions_and_ort_graphs(tiny_bundle):
 
 # ----- compatibility ---------------------------------------------------------------------------------------
 def test_versions():
-    assert compat.version_tuple("10.3.0.30") == (10, 3, 0, 30)
-    assert compat.version_tuple("10.3.0.post1") == (10, 3, 0)
-    assert compat.same_tensorrt("10.3.0.30", "10.3.0") and not compat.same_tensorrt("10.3.0", "10.4.0")
-    assert compat.same_tensorrt("10.3.0.30", "10.3.0.30") and not compat.same_tensorrt("10.3.0.30", "10.3.0.26")
-    assert not compat.same_tensorrt("10.3", "10.3.1.5")                  # major.minor alone says too little
-    assert not compat.same_tensorrt(None, "10.3.0")
+    assert trt_compat.version_tuple("10.3.0.30") == (10, 3, 0, 30)
+    assert trt_compat.version_tuple("10.3.0.post1") == (10, 3, 0)
+    assert trt_compat.same_tensorrt("10.3.0.30", "10.3.0") and not trt_compat.same_tensorrt("10.3.0", "10.4.0")
+    assert trt_compat.same_tensorrt("10.3.0.30", "10.3.0.30") and not trt_compat.same_tensorrt("10.3.0.30", "10.3.0.26")
+    assert not trt_compat.same_tensorrt("10.3", "10.3.1.5")                  # major.minor alone says too little
+    assert not trt_compat.same_tensorrt(None, "10.3.0")
     with pytest.raises(BackendUnavailable, match=r"too old.*JetPack 6\.1 or newer; JetPack 6\.0 ships TensorRT 8\.6"):
-        compat.check_tensorrt_version("8.6.2")
+        trt_compat.check_tensorrt_version("8.6.2")
     with pytest.raises(BackendUnavailable, match="not installed"):
-        compat.check_tensorrt_version(None)
+        trt_compat.check_tensorrt_version(None)
 
 
 def test_build_refuses_another_compute_capability():
@@ -154,7 +156,7 @@ def test_build_refuses_another_compute_capability():
     assert "SM 8.7" in msg and "SM 8.9" in msg and "RTX 4090" in msg and "--target rtx-4090" in msg
     assert "\n" not in msg
     assert compat.check_build("orin-nano-8gb", "8.7", standin.gpu_probe()).name == "Orin"
-    none = gp.DriverProbe("no-driver", "no NVIDIA GPU driver (libcuda.so.1 not found)")
+    none = gd.DriverProbe("no-driver", "no NVIDIA GPU driver (libcuda.so.1 not found)")
     with pytest.raises(BackendUnavailable, match="cannot build a TensorRT engine on this machine: no NVIDIA"):
         compat.check_build("orin-nano-8gb", "8.7", none)
     with pytest.raises(BundleError, match="no GPU"):
@@ -164,17 +166,17 @@ def test_build_refuses_another_compute_capability():
 def test_engine_checks_at_load_name_both_sides_and_the_fix():
     engine = {"file": "model.engine", "tensorrt_version": "10.3.0", "compute_capability": "8.7", "device": "Orin"}
     orin, rtx = standin.gpu_probe(), standin.gpu_probe(standin.RTX_4090)
-    assert compat.check_engine(engine, orin, "10.3.0.30", bundle="b").sm == "8.7"
+    assert trt_compat.check_engine(engine, orin, "10.3.0.30", bundle="b").sm == "8.7"
     with pytest.raises(BackendUnavailable,
                        match=r"built for SM 8\.7 \(Orin\) but this GPU is .*SM 8\.9.*edgekit engine b"):
-        compat.check_engine(engine, rtx, "10.3.0", bundle="b")
+        trt_compat.check_engine(engine, rtx, "10.3.0", bundle="b")
     with pytest.raises(BackendUnavailable,
                        match=r"TensorRT 10\.3\.0 but this machine has TensorRT 10\.7\.0.*edgekit engine b"):
-        compat.check_engine(engine, orin, "10.7.0", bundle="b")
+        trt_compat.check_engine(engine, orin, "10.7.0", bundle="b")
     with pytest.raises(BackendUnavailable, match="built for TensorRT but has no engine yet: build it .*edgekit engine"):
-        compat.check_engine(None, orin, "10.3.0", bundle="b")
+        trt_compat.check_engine(None, orin, "10.3.0", bundle="b")
     with pytest.raises(BackendUnavailable, match="not installed"):
-        compat.check_engine(engine, orin, None, bundle="b")
+        trt_compat.check_engine(engine, orin, None, bundle="b")
 
 
 # ----- the builder adapter against the recording stand-in --------------------------------------------------
@@ -340,7 +342,7 @@ def test_open_engine_decoder_refusals(trt_bundles, copy_bundle):
     with pytest.raises(BackendUnavailable, match=r"TensorRT 10\.3\.0 but this machine has TensorRT 10\.4\.1"):
         open_engine_decoder(m, capacity=64, probe=standin.gpu_probe(), trt=standin.make_trt("10.4.1"))
     with pytest.raises(BackendUnavailable, match="libcuda"):
-        open_engine_decoder(m, capacity=64, probe=gp.DriverProbe("no-driver", "no driver (libcuda.so.1 not found)"))
+        open_engine_decoder(m, capacity=64, probe=gd.DriverProbe("no-driver", "no driver (libcuda.so.1 not found)"))
     with pytest.raises(GenerationError, match="max_context 65"):
         open_engine_decoder(m, capacity=65, probe=standin.gpu_probe(), trt=standin.make_trt())
     # On a Jetson (this bundle's target) cudaMemGetInfo misses reclaimable memory: it is not asked; the load-time
@@ -443,9 +445,9 @@ def test_engine_dry_run_prints_the_plan(r1_15b, trt_bundles, tmp_path, monkeypat
 
 
 def test_engine_and_selftest_without_gpu_fail_in_one_line(trt_bundles, monkeypatch):
-    no_gpu = gp.DriverProbe("no-driver", "no NVIDIA GPU driver (libcuda.so.1 not found): install the driver")
+    no_gpu = gd.DriverProbe("no-driver", "no NVIDIA GPU driver (libcuda.so.1 not found): install the driver")
     monkeypatch.setattr(gp, "probe_driver", lambda load=None: no_gpu)
-    monkeypatch.setattr(eb, "import_tensorrt", lambda probe: pytest.fail("TensorRT imported without a GPU"))
+    monkeypatch.setattr(trt_compat, "import_tensorrt", lambda probe: pytest.fail("TensorRT imported without a GPU"))
     runner = CliRunner()
     result = runner.invoke(cli, ["engine", str(trt_bundles["fp16"])])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)   # a clean exit, not a crash
@@ -484,7 +486,7 @@ def test_engine_and_selftest_commands_with_a_gpu(trt_bundles, copy_bundle, monke
     cuda = standin.FakeCuda()
     trt = standin.make_trt(cuda=cuda)
     monkeypatch.setattr(gp, "probe_driver", lambda load=None: standin.gpu_probe())
-    monkeypatch.setattr(eb, "import_tensorrt", lambda probe: trt)
+    monkeypatch.setattr(trt_compat, "import_tensorrt", lambda probe: trt)
     monkeypatch.setattr(trt_backend.CudaRuntime, "load", classmethod(lambda cls: cuda))
     bundle = copy_bundle(trt_bundles["fp16"])
     result = CliRunner().invoke(cli, ["engine", str(bundle)])

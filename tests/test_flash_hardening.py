@@ -23,11 +23,11 @@ sshd = test_flash.sshd   # the module-scoped loopback sshd fixture, shared
 
 @needs_sshd
 def test_a_bundle_edited_after_it_was_built_is_named_as_the_culprit(sshd, tiny_bundle, tmp_path, monkeypatch):
-    import edgekit.runtime.bundle as bundle_mod
+    import edgekit.runtime.bundle.verification as verification
 
     # Weights above this size are only size-checked before a flash (hashing GBs up front takes minutes): make
     # the tiny bundle's weights count as such, as a real bundle's are.
-    monkeypatch.setattr(bundle_mod, "QUICK_HASH_LIMIT", 1024)
+    monkeypatch.setattr(verification, "QUICK_HASH_LIMIT", 1024)
     edited = tmp_path / "edited"
     shutil.copytree(tiny_bundle, edited)
     data = edited / "model.onnx.data"

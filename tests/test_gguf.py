@@ -19,7 +19,7 @@ from edgekit.errors import ModelFormatError, UnsupportedArchitecture, Unsupporte
 from edgekit.sources import open_weights, resolve
 from edgekit.sources.gguf import SUPPORTED_QUANT_TYPES, GGUFReader, spec_from_gguf, unpermute_qk
 from edgekit.sources.gguf_tokenizer import PRE_TOKENIZERS, tokenizer_json
-from edgekit.spec import ModelSpec
+from edgekit.spec import spec_from_config
 
 TEXTS = [
     "Hello world!", "The quick brown fox jumps over the lazy dog.",
@@ -79,7 +79,7 @@ def test_spec_matches_transformers_config(smollm2_gguf, smol):
     assert spec == smol.spec
     config = hf_gguf_model(smollm2_gguf).config.to_dict()   # the config transformers derived from the file
     config["architectures"] = ["LlamaForCausalLM"]
-    reference = ModelSpec.from_config(config)
+    reference = spec_from_config(config)
     # Everything but provenance agrees with what transformers derives (rope theta 100000, not 10000).
     assert dataclasses.replace(reference, name=spec.name, source_dtype=spec.source_dtype) == spec
     assert (spec.rope_theta, spec.num_kv_heads, spec.head_dim, spec.tie_word_embeddings) == (100000.0, 3, 64, True)

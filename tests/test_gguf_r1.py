@@ -25,7 +25,7 @@ from edgekit.runtime.text import TextCodec
 from edgekit.sources import resolve
 from edgekit.sources.gguf import GGUFReader, spec_from_gguf
 from edgekit.sources.gguf_header import read_header
-from edgekit.spec import ModelSpec
+from edgekit.spec import spec_from_config_file
 
 HF_CONFIG = "tests/fixtures/configs/DeepSeek-R1-Distill-Qwen-7B/config.json"
 BOS, EOS, USER, ASSISTANT, THINK, END_THINK, PAD = 151646, 151643, 151644, 151645, 151648, 151649, 151654
@@ -99,7 +99,7 @@ def test_spec_figures(r1_gguf, r1):
     assert spec.name == "DeepSeek-R1-Distill-Qwen-7B"
     # The model's own config: the same model, but for the GGUF's float32 epsilon and its BOS (the HF
     # config's bos_token_id is the EOS id; its tokenizer's BOS is 151646, as the GGUF says).
-    reference = ModelSpec.from_config_file(HF_CONFIG)
+    reference = spec_from_config_file(HF_CONFIG)
     assert dataclasses.replace(reference, rms_norm_eps=spec.rms_norm_eps, bos_token_id=BOS,
                                source_dtype="q4_k_m", name=spec.name) == spec
     assert spec.parameters == reference.parameters == 7_615_616_512
@@ -142,7 +142,7 @@ COMPACT_VS_GGUF = (0.95, 1.05)
 @pytest.mark.parametrize("target", ["orin-nano", "cpu"])
 def test_plan_figures(target, r1_gguf):
     spec = spec_from_gguf(r1_gguf)
-    reference = plan(ModelSpec.from_config_file(HF_CONFIG), load_target(target), precision="int4", context=4096)
+    reference = plan(spec_from_config_file(HF_CONFIG), load_target(target), precision="int4", context=4096)
     p = plan(spec, load_target(target), precision="int4", context=4096)
     assert [w.name for w in p.weights] == ["linear weights", "embedding", "LM head", "norms, biases, rotary"]
     assert p.parameters == 7_615_616_512 and p.model == "DeepSeek-R1-Distill-Qwen-7B"

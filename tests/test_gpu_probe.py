@@ -11,6 +11,8 @@ from click.testing import CliRunner
 from edgekit.build.target import list_targets
 from edgekit.cli import cli
 from edgekit.gpu import probe as gp
+from edgekit.runtime import gpu_driver as gd
+from edgekit.runtime.memory import read_meminfo
 
 
 class FakeLibcuda:
@@ -43,7 +45,7 @@ class FakeLibcuda:
 
     def cuDeviceGetAttribute(self, ref, attribute, device):
         assert device.value >= 100
-        ref._obj.value = {gp.ATTR_CC_MAJOR: self.cc[0], gp.ATTR_CC_MINOR: self.cc[1]}[attribute]
+        ref._obj.value = {gd.ATTR_CC_MAJOR: self.cc[0], gd.ATTR_CC_MINOR: self.cc[1]}[attribute]
         return self.attr_rc
 
     def cuDeviceGetName(self, buf, length, device):
@@ -65,43 +67,43 @@ def loader(lib):
 
 
 def test_no_driver_when_libcuda_cannot_be_loaded():
-    p = gp.probe_driver(loader(None))
+    p = gd.probe_driver(loader(None))
     assert p.status == "no-driver" and not p.ok and p.devices == ()
     assert "libcuda.so.1 not found" in p.detail and "--gpus all" in p.detail and "--runtime nvidia" in p.detail
 
 
 def test_stub_library_is_told_apart_from_a_driver():
-    p = gp.probe_driver(loader(FakeLibcuda(init=gp.CUDA_ERROR_STUB_LIBRARY)))
+    p = gd.probe_driver(loader(FakeLibcuda(init=gd.CUDA_ERROR_STUB_LIBRARY)))
     assert p.status == "stub-driver" and p.cuda_error == 34
     assert "stub" in p.detail and "CUDA_ERROR_STUB_LIBRARY" in p.detail
 
 
-@pytest.mark.parametrize("init,count", [(gp.CUDA_ERROR_NO_DEVICE, 0), (0, 0)])
+@pytest.mark.parametrize("init,count", [(gd.CUDA_ERROR_NO_DEVICE, 0), (0, 0)])
 def test_driver_without_device(init, count):
     lib = FakeLibcuda(init=init, count=count)
-    p = gp.probe_driver(loader(lib))
+    p = gd.probe_driver(loader(lib))
     assert p.status == "no-device" and p.library == "libcuda.so.1"
     assert "sees no GPU" in p.detail and "--gpus all" in p.detail
     assert p.driver_version == "12.6"
 
 
 def test_insufficient_driver_and_other_errors_are_named():
-    old = gp.probe_driver(loader(FakeLibcuda(init=gp.CUDA_ERROR_INSUFFICIENT_DRIVER)))
+    old = gd.probe_driver(loader(FakeLibcuda(init=gd.CUDA_ERROR_INSUFFICIENT_DRIVER)))
     assert old.status == "error" and "too old" in old.detail and "INSUFFICIENT_DRIVER" in old.detail
-    odd = gp.probe_driver(loader(FakeLibcuda(init=999)))
+    odd = gd.probe_driver(loader(FakeLibcuda(init=999)))
     assert odd.status == "error" and "CUDA_ERROR_UNKNOWN (999)" in odd.detail
-    attr = gp.probe_driver(loader(FakeLibcuda(attr_rc=1)))
+    attr = gd.probe_driver(loader(FakeLibcuda(attr_rc=1)))
     assert attr.status == "error" and "compute capability" in attr.detail
 
 
 def test_a_library_without_the_driver_api_is_an_error_not_a_crash():
-    p = gp.probe_driver(loader(object()))
+    p = gd.probe_driver(loader(object()))
     assert p.status == "error" and "does not behave like the NVIDIA driver" in p.detail
 
 
 def test_ok_reads_compute_capability_name_memory_and_version():
     lib = FakeLibcuda(count=2, cc=(8, 9), name=b"NVIDIA GeForce RTX 4090", memory=25_300_000_000, version=12080)
-    p = gp.probe_driver(loader(lib))
+    p = gd.probe_driver(loader(lib))
     assert p.ok and p.driver_version == "12.8"
     assert [d.sm for d in p.devices] == ["8.9", "8.9"] and p.devices[1].index == 1
     assert p.devices[0].name == "NVIDIA GeForce RTX 4090" and p.devices[0].total_memory_bytes == 25_300_000_000
@@ -113,7 +115,7 @@ def test_ok_reads_compute_capability_name_memory_and_version():
 
 def test_real_probe_on_this_machine_never_raises():
     p = gp.probe_driver()
-    assert p.status in gp.STATUSES
+    assert p.status in gd.STATUSES
     assert (p.status == "ok") == bool(p.devices)
 
 
@@ -149,7 +151,7 @@ def test_read_jetson_and_meminfo_from_a_fake_root(tmp_path):
                                           "CmaFree:          200000 kB\n")
     j = gp.read_jetson(tmp_path)
     assert (j.l4t, j.jetpack, j.model) == ("36.4.3", "6.2", "NVIDIA Jetson Orin Nano Developer Kit")
-    mem = gp.read_meminfo(tmp_path)
+    mem = read_meminfo(tmp_path)
     assert mem == {"MemTotal": 7802144 * 1024, "MemAvailable": 5123456 * 1024, "CmaTotal": 256 * 2**20,
                    "CmaFree": 200000 * 1024}
     (tmp_path / "etc/nv_tegra_release").write_text("garbage")
@@ -159,9 +161,9 @@ def test_read_jetson_and_meminfo_from_a_fake_root(tmp_path):
 def test_versions_come_from_metadata_without_importing(monkeypatch):
     import sys
 
-    assert gp.package_version(["no-such-dist-edgekit", "numpy"])[0] == "numpy"
-    assert gp.package_version(["no-such-dist-edgekit"]) is None
-    gp.tensorrt_version()
+    assert gd.package_version(["no-such-dist-edgekit", "numpy"])[0] == "numpy"
+    assert gd.package_version(["no-such-dist-edgekit"]) is None
+    gd.tensorrt_version()
     assert "tensorrt" not in sys.modules
     version, providers = gp.onnxruntime_info()
     assert version and "CPUExecutionProvider" in providers
@@ -175,8 +177,8 @@ def report(driver, *, trt="10.3.0", cuda_py="12.6.0", providers=("CPUExecutionPr
 
 
 def test_backend_support_decisions():
-    none = gp.probe_driver(loader(None))
-    orin = gp.probe_driver(loader(FakeLibcuda()))
+    none = gd.probe_driver(loader(None))
+    orin = gd.probe_driver(loader(FakeLibcuda()))
     def by(r):
         return {b.backend: b for b in gp.backend_support(r)}
     b = by(report(none, trt=None, cuda_py=None))
@@ -192,12 +194,12 @@ def test_backend_support_decisions():
 
 
 def test_engine_targets_are_those_with_the_gpus_compute_capability():
-    orin = gp.probe_driver(loader(FakeLibcuda(cc=(8, 7))))
+    orin = gd.probe_driver(loader(FakeLibcuda(cc=(8, 7))))
     targets = gp.engine_targets(report(orin), list_targets())
     assert "orin-nano-8gb" in targets and "agx-orin-64gb" in targets
     assert all(t.sm == "8.7" for t in list_targets() if t.name in targets)
     assert gp.engine_targets(report(orin, trt=None), list_targets()) == []
-    assert gp.engine_targets(report(gp.probe_driver(loader(None))), list_targets()) == []
+    assert gp.engine_targets(report(gd.probe_driver(loader(None))), list_targets()) == []
 
 
 def test_machine_report_with_fakes_is_json(tmp_path):

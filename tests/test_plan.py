@@ -18,7 +18,7 @@ from edgekit.build.precision import POLICIES, WeightFormat, policy, weight_bytes
 from edgekit.build.target import load_target
 from edgekit.cli import cli
 from edgekit.errors import UserInputError
-from edgekit.spec import ModelSpec
+from edgekit.spec import ModelSpec, spec_from_config_file
 from edgekit.units import GiB, MiB
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -26,7 +26,7 @@ QWEN_1_5B = CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B"
 
 
 def spec_of(short: str) -> ModelSpec:
-    return ModelSpec.from_config_file(CONFIGS / f"DeepSeek-R1-Distill-{short}" / "config.json")
+    return spec_from_config_file(CONFIGS / f"DeepSeek-R1-Distill-{short}" / "config.json")
 
 
 def plan_of(short: str, target: str, precision: str = "int4", context: int = 4096, **kw):

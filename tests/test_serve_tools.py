@@ -103,7 +103,7 @@ def test_openai_streamed_deltas_reassemble_to_the_same_call(server):
 
 
 def test_openai_multi_turn_with_tool_results(server, smol4k):
-    from edgekit.runtime import tools
+    from edgekit.runtime import tool_defs, tools
     from edgekit.runtime.bundle import read_manifest
     from edgekit.runtime.text import TextCodec
 
@@ -121,7 +121,7 @@ def test_openai_multi_turn_with_tool_results(server, smol4k):
     manifest = read_manifest(smol4k)
     codec = TextCodec(manifest.path(manifest.tokenizer["file"]).read_text(),
                       manifest.path(manifest.tokenizer["chat_template"]).read_text(), manifest.tokenizer)
-    plan = tools.plan(codec, CONVERSATION, tools.parse_tools([WEATHER]), "required")
+    plan = tools.plan(codec, CONVERSATION, tool_defs.parse_tools([WEATHER]), "required")
     prompt = codec.render(plan.messages)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
     assert r.usage.prompt_tokens == len(codec.encode(prompt, add_special_tokens=False))

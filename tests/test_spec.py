@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from edgekit.errors import ModelFormatError, UnsupportedArchitecture
-from edgekit.spec import ModelSpec, RopeScaling
+from edgekit.spec import ModelSpec, RopeScaling, spec_from_config, spec_from_config_file
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 R1_MODELS = sorted(p.name for p in CONFIGS.iterdir() if (p / "config.json").is_file())
 
 
 def fixture_spec(name: str) -> ModelSpec:
-    return ModelSpec.from_config_file(CONFIGS / name / "config.json")
+    return spec_from_config_file(CONFIGS / name / "config.json")
 
 
 def fixture_config(name: str) -> dict:
@@ -108,12 +108,12 @@ def test_rope_theta_from_rope_parameters():
     c = dict(QWEN_TINY)
     del c["rope_theta"]
     c["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "default"}
-    s = ModelSpec.from_config(c)
+    s = spec_from_config(c)
     assert s.rope_theta == 100000.0 and s.rope_scaling is None
 
 
 def test_rope_theta_top_level():
-    assert ModelSpec.from_config(dict(QWEN_TINY, rope_theta=123456.0)).rope_theta == 123456.0
+    assert spec_from_config(dict(QWEN_TINY, rope_theta=123456.0)).rope_theta == 123456.0
 
 
 @pytest.mark.parametrize("where", ["rope_scaling", "rope_parameters"])
@@ -123,26 +123,26 @@ def test_llama3_scaling_from_either_place(where):
         c.update(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
     else:
         c["rope_parameters"] = dict(LLAMA3_SCALING, rope_theta=500000.0)
-    s = ModelSpec.from_config(c)
+    s = spec_from_config(c)
     assert s.rope_theta == 500000.0
     assert s.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
 
 
 def test_rope_scaling_old_type_key():
     scaling = {k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"} | {"type": "llama3"}
-    s = ModelSpec.from_config(dict(LLAMA_TINY, rope_scaling=scaling))
+    s = spec_from_config(dict(LLAMA_TINY, rope_scaling=scaling))
     assert s.rope_scaling is not None and s.rope_scaling.factor == 8.0
 
 
 def test_default_rope_theta_when_absent():
     c = {k: v for k, v in QWEN_TINY.items() if k != "rope_theta"}
-    assert ModelSpec.from_config(c).rope_theta == 10000.0
+    assert spec_from_config(c).rope_theta == 10000.0
 
 
 # ----- head_dim, biases, tying, eos -----------------------------------------------------------------
 def test_head_dim_override_counts_like_transformers():
     c = dict(LLAMA_TINY, head_dim=32)      # hidden 64 / 4 heads would be 16
-    s = ModelSpec.from_config(c)
+    s = spec_from_config(c)
     assert s.head_dim == 32 and s.q_size == 128 and s.kv_size == 64
     assert s.linear_shapes["q"] == (128, 64) and s.linear_shapes["o"] == (64, 128)
     assert s.parameters == meta_parameter_count(c)
@@ -156,19 +156,19 @@ def test_head_dim_override_counts_like_transformers():
     dict(LLAMA_TINY, num_key_value_heads=4),
 ], ids=["qwen2", "qwen2-tied", "llama-tied", "llama-bias", "llama-mha"])
 def test_tiny_parameter_counts_match_transformers(config):
-    assert ModelSpec.from_config(config).parameters == meta_parameter_count(config)
+    assert spec_from_config(config).parameters == meta_parameter_count(config)
 
 
 def test_llama_attention_bias_flags():
-    s = ModelSpec.from_config(dict(LLAMA_TINY, attention_bias=True))
+    s = spec_from_config(dict(LLAMA_TINY, attention_bias=True))
     assert s.qkv_bias and s.o_bias
-    assert not ModelSpec.from_config(LLAMA_TINY).o_bias
+    assert not spec_from_config(LLAMA_TINY).o_bias
 
 
 @pytest.mark.parametrize("eos, expected", [([2, 7, 9], (2, 7, 9)), (5, (5,)), (None, ())])
 def test_eos_token_ids(eos, expected):
     c = dict(QWEN_TINY, eos_token_id=eos)
-    assert ModelSpec.from_config(c).eos_token_ids == expected
+    assert spec_from_config(c).eos_token_ids == expected
 
 
 # ----- (de)serialisation ---------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_to_dict_from_dict_round_trip_through_json(name):
 
 
 def test_round_trip_tied_with_eos_list():
-    s = ModelSpec.from_config(dict(LLAMA_TINY, eos_token_id=[2, 3], rope_scaling=LLAMA3_SCALING), name="tiny")
+    s = spec_from_config(dict(LLAMA_TINY, eos_token_id=[2, 3], rope_scaling=LLAMA3_SCALING), name="tiny")
     assert ModelSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
@@ -212,13 +212,13 @@ def test_malformed_config(mutate, match):
     c = json.loads(json.dumps(QWEN_TINY))
     mutate(c)
     with pytest.raises(ModelFormatError) as e:
-        ModelSpec.from_config(c, name="tiny")
+        spec_from_config(c, name="tiny")
     assert match in _one_line(e)
 
 
 def test_unknown_architecture_lists_supported():
     with pytest.raises(UnsupportedArchitecture) as e:
-        ModelSpec.from_config(dict(QWEN_TINY, architectures=["MistralForCausalLM"]))
+        spec_from_config(dict(QWEN_TINY, architectures=["MistralForCausalLM"]))
     text = _one_line(e)
     assert "MistralForCausalLM" in text and "LlamaForCausalLM" in text and "Qwen2ForCausalLM" in text
 
@@ -235,5 +235,5 @@ def test_malformed_config_file(tmp_path, content, match):
     else:
         path.write_text(content)
     with pytest.raises(ModelFormatError) as e:
-        ModelSpec.from_config_file(path)
+        spec_from_config_file(path)
     assert match in _one_line(e)

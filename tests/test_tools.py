@@ -10,7 +10,7 @@ import json
 import pytest
 
 from edgekit.errors import ToolError
-from edgekit.runtime import tools
+from edgekit.runtime import tool_defs, tools
 from edgekit.runtime.tool_calls import DEEPSEEK, HERMES, ToolCall, ToolCallParser, parse_calls
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -73,36 +73,36 @@ def smol_codec(smollm2_gguf):
 ])
 def test_bad_tool_definitions_name_the_field(bad, param, text):
     with pytest.raises(ToolError) as e:
-        tools.parse_tools([bad])
+        tool_defs.parse_tools([bad])
     assert e.value.param == param and text in str(e.value), str(e.value)
 
 
 def test_tool_choice_and_duplicates():
-    parsed = tools.parse_tools([WEATHER, TIMER])
+    parsed = tool_defs.parse_tools([WEATHER, TIMER])
     assert [t.name for t in parsed] == ["get_weather", "set_timer"]
-    assert tools.parse_tools([{"type": "function", "function": {"name": "ping"}}])[0].parameters == \
+    assert tool_defs.parse_tools([{"type": "function", "function": {"name": "ping"}}])[0].parameters == \
         {"type": "object", "properties": {}, "additionalProperties": False}
     with pytest.raises(ToolError, match="defined twice"):
-        tools.parse_tools([WEATHER, WEATHER])
-    assert tools.parse_tool_choice(None, parsed).mode == "auto"
-    assert tools.parse_tool_choice({"type": "function", "function": {"name": "set_timer"}}, parsed) == \
-        tools.ToolChoice("function", "set_timer")
+        tool_defs.parse_tools([WEATHER, WEATHER])
+    assert tool_defs.parse_tool_choice(None, parsed).mode == "auto"
+    assert tool_defs.parse_tool_choice({"type": "function", "function": {"name": "set_timer"}}, parsed) == \
+        tool_defs.ToolChoice("function", "set_timer")
     for value, param, text in [("sometimes", "tool_choice", 'use "auto", "required", "none"'),
                                ({"type": "function", "function": {"name": "nope"}}, "tool_choice.function.name",
                                 "is not one of the tools (get_weather, set_timer)"),
                                (3, "tool_choice", "must be a string or an object")]:
         with pytest.raises(ToolError) as e:
-            tools.parse_tool_choice(value, parsed)
+            tool_defs.parse_tool_choice(value, parsed)
         assert e.value.param == param and text in str(e.value)
     with pytest.raises(ToolError, match="needs tools"):
-        tools.parse_tool_choice("required", [])
-    assert tools.default_choice("after-user", [{"role": "user", "content": "x"}]).mode == "required"
-    assert tools.default_choice("after-user", CONVERSATION[:4]).mode == "auto"
+        tool_defs.parse_tool_choice("required", [])
+    assert tool_defs.default_choice("after-user", [{"role": "user", "content": "x"}]).mode == "required"
+    assert tool_defs.default_choice("after-user", CONVERSATION[:4]).mode == "auto"
 
 
 def test_closed_schema_still_accepts_what_the_schema_accepts():
     schema = WEATHER["function"]["parameters"]
-    closed = tools.closed(schema)
+    closed = tool_defs.closed(schema)
     assert closed["additionalProperties"] is False and "additionalProperties" not in schema
     jsonschema.validate({"city": "Paris", "unit": "celsius"}, closed)
     with pytest.raises(jsonschema.ValidationError):
@@ -121,7 +121,7 @@ def test_r1_template_renders_calls_and_results_not_definitions(r1_codec):
     prompt = r1_codec.render(plan.messages, add_generation_prompt=True)
     # the fallback block is merged into the user's system message, which R1's template puts after BOS
     assert prompt.startswith("<｜begin▁of▁sentence｜>Be brief.\n\nYou can call functions")
-    assert json.dumps(tools.parse_tools([TIMER])[0].definition()["function"]) in prompt
+    assert json.dumps(tool_defs.parse_tools([TIMER])[0].definition()["function"]) in prompt
     # the earlier call in DeepSeek's markers (the template leaves a single call's block unclosed), its result
     assert ('<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n'
             '{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{"temp": 21}'

@@ -24,6 +24,7 @@ from edgekit.cli import cli
 from edgekit.engine import builder as eb
 from edgekit.errors import GpuStepFailed
 from edgekit.gpu import probe as gp
+from edgekit.runtime import trt_compat
 from edgekit.runtime.bundle import read_manifest, write_manifest
 from edgekit.runtime.model import Model
 from edgekit.runtime.trt_backend import TrtDecoder, open_engine_decoder
@@ -153,7 +154,7 @@ def test_model_close_frees_the_gpu_buffers(built):
 
 def test_failed_tensorrt_build_exits_1(int4_bundle, copy_bundle, monkeypatch):
     monkeypatch.setattr(gp, "probe_driver", lambda load=None: standin.gpu_probe())
-    monkeypatch.setattr(eb, "import_tensorrt", lambda probe: standin.make_trt(build_ok=False))
+    monkeypatch.setattr(trt_compat, "import_tensorrt", lambda probe: standin.make_trt(build_ok=False))
     result = CliRunner().invoke(cli, ["engine", str(copy_bundle(int4_bundle))])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith("error: TensorRT 10.3.0 could not build the engine")

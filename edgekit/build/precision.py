@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from edgekit.runtime.dtypes import DTYPE_BYTES  # absolute: this module moves to edgekit/build/
+
 from ..errors import UnsupportedPrecision
 
 if TYPE_CHECKING:
@@ -33,8 +35,6 @@ if TYPE_CHECKING:
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 # The order used when listing valid choices to a user: smallest first.
 PRECISIONS_SMALL_FIRST: tuple[str, ...] = ("int4", "int8", "fp8", "fp16", "bf16", "fp32")
-
-DTYPE_BYTES: dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 
 # Activation / KV-cache / norm dtype by device and weight precision.
 COMPUTE_DTYPE: dict[str, dict[str, str]] = {

@@ -269,10 +269,9 @@ def _host_memory() -> tuple[int, str]:
         source = "physical memory of this machine (sysconf)"
     except (ValueError, OSError, AttributeError):
         return 16 * GiB, "this machine's memory could not be read; assumed 16 GiB"
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit() and 0 < int(limit) < total:
-            total, source = int(limit), "memory limit of this container (cgroup memory.max)"
-    except OSError:
-        pass
+    from edgekit.runtime.memory import cgroup_limit  # absolute: this module moves to edgekit/build/
+
+    limit = cgroup_limit()
+    if limit is not None and 0 < limit < total:
+        total, source = limit, "memory limit of this container (cgroup memory.max)"
     return total, source

@@ -139,9 +139,10 @@ def engine_cmd(bundle: str, dry_run: bool, timing_cache: str | None, as_json: bo
     architectures or TensorRT versions.
     """
     from ..build.target import list_targets
-    from ..engine.builder import build_bundle_engine, bundle_plan, check_bundle_graph, import_tensorrt
+    from ..engine.builder import build_bundle_engine, bundle_plan, check_bundle_graph
     from ..engine.compat import check_build
     from ..gpu.probe import probe_driver
+    from ..runtime.trt_compat import import_tensorrt
 
     manifest, target, plan = bundle_plan(bundle)
     report = check_bundle_graph(manifest, target)      # TensorRT's parser rules, before any TensorRT call

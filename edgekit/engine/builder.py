@@ -46,19 +46,6 @@ class BuildOutcome:
     seconds: float
 
 
-def import_tensorrt(probe) -> Any:
-    """``import tensorrt``, but only after a successful GPU probe (``probe.ok``)."""
-    if not probe.ok:
-        raise BackendUnavailable(f"TensorRT needs a GPU and none is usable here: {probe.detail}")
-    try:
-        import tensorrt
-    except ImportError as e:
-        from .compat import TRT_INSTALL
-
-        raise BackendUnavailable(f"the tensorrt Python module cannot be imported ({e}): {TRT_INSTALL}") from None
-    return tensorrt
-
-
 def _atomic_write(path: Path, data) -> int:
     """Write bytes (or a buffer such as trt.IHostMemory) to ``path`` via a temporary name; returns the size."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -239,7 +226,8 @@ def build_bundle_engine(bundle: str | os.PathLike, *, trt, probe, timing_cache: 
     """
     from ..build.target import list_targets
     from ..runtime.bundle import verify, write_manifest
-    from .compat import check_build, check_tensorrt_version
+    from ..runtime.trt_compat import check_tensorrt_version
+    from .compat import check_build
     from .engine_plan import engine_section
 
     manifest, target, plan = bundle_plan(bundle)

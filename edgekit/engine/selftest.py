@@ -116,7 +116,7 @@ def run_selftest(*, probe=None, trt=None, cuda=None, workdir: str | Path | None 
         raise BackendUnavailable(f"selftest needs an NVIDIA GPU with TensorRT: {probe.detail}")
     device = probe.devices[0]
     if trt is None:
-        from .builder import import_tensorrt
+        from ..runtime.trt_compat import import_tensorrt
 
         trt = import_tensorrt(probe)
     try:

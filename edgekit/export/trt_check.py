@@ -90,7 +90,7 @@ DEFAULT_TENSORRT = "10.3"
 def rules_for(version: str | None) -> ParserRules:
     """The rules for a TensorRT version (a target's ``software.tensorrt``): the newest known one not newer
     than it (later parsers accept what 10.3's does), or 10.3 when none is named."""
-    from ..engine.compat import version_tuple
+    from ..runtime.trt_compat import version_tuple
 
     want = version_tuple(version or DEFAULT_TENSORRT)[:2]
     known = sorted(RULES, key=version_tuple)
@@ -124,7 +124,7 @@ def check_tensorrt_graph(model_path: Path, spec=None, *, tensorrt: str | None = 
     """
     import onnx
 
-    from ..engine.compat import version_tuple
+    from ..runtime.trt_compat import version_tuple
 
     rules = rules_for(tensorrt)
     model_path = Path(model_path)

@@ -87,8 +87,21 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
     spec_decoder = None
     if speculative is not None and drafter is not None and getattr(request, "answer_format", None) is None:
         decoder = spec_decoder = SpeculativeDecoder(decoder, drafter, speculative)
+    max_new = _max_new_tokens(request, decoder.capacity)
+    sampler = Sampler(request.sampling, decoder.vocab)
+    sampler.observe(request.prompt_ids)
+    kept, logits = _prefill(decoder, request.prompt_ids, prefill_chunk, reuse, cancel)
+    loop = _DecodeLoop(decoder, codec, request, eos_ids)
+    yield from loop.decode(logits, sampler, max_new, cancel)
+    if spec_decoder is not None:
+        spec_decoder.settle()    # the cache holds the prompt and the tokens stepped, as without speculation
+    yield from loop.flush()
+    yield Event("done", result=loop.result(t0, kept, spec_decoder))
+
+
+def _max_new_tokens(request: GenerationRequest, capacity: int) -> int:
+    """How many tokens may follow the prompt: the request's limit within the cache left after the prompt."""
     ids = request.prompt_ids
-    capacity = decoder.capacity
     if not ids:
         raise GenerationError("the prompt is empty: give at least one token of text")
     if len(ids) >= capacity:
@@ -99,9 +112,12 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
     max_new = budget_left if request.max_new_tokens is None else min(request.max_new_tokens, budget_left)
     if request.max_new_tokens is not None and request.max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+    return max_new
 
-    sampler = Sampler(request.sampling, decoder.vocab)
-    sampler.observe(ids)
+
+def _prefill(decoder, ids: list[int], prefill_chunk: int, reuse: bool,
+             cancel: threading.Event | None) -> tuple[int, np.ndarray | None]:
+    """(prompt tokens kept in the cache, logits after the prompt or None when cancelled before the end)."""
     if reuse:
         kept = prefix_reuse(decoder, ids)
     else:
@@ -114,85 +130,101 @@ def run(decoder, codec, request: GenerationRequest, *, prefill_chunk: int, eos_i
         if cancel is not None and cancel.is_set():
             break
         logits = decoder.step(prompt[start:end])
+    return kept, logits
 
-    detok = codec.stream(skip_special_tokens=True)
-    stopper = StopMatcher(list(request.stop))
-    splitter = ReasoningSplitter(request.in_reasoning)
-    tokens: list[int] = []
-    text_parts: list[str] = []
-    reasoning_tokens, budget_hit, finish = 0, False, "length"
-    forced = codec.encode(FORCED_CLOSE, add_special_tokens=False) if request.thinking_budget is not None else []
-    t_first = None
-    guide = None
-    if request.answer_format is not None:   # imports the constraint library only now
-        from .constrain import Guide
 
-        guide = Guide(request.answer_format, codec, decoder.vocab, eos_ids, in_reasoning=request.in_reasoning)
+class _DecodeLoop:
+    """One token at a time after the prefill: sampling, the text path (detokenizer, stop strings, reasoning
+    split), the thinking budget and a constrained answer's guide; what it generated becomes the result."""
 
-    def emit(delta: str) -> Iterator[Event]:
-        for kind, piece in splitter.feed(delta):
+    def __init__(self, decoder, codec, request: GenerationRequest, eos_ids: set[int]):
+        self.decoder, self.codec, self.request, self.eos_ids = decoder, codec, request, eos_ids
+        self.detok = codec.stream(skip_special_tokens=True)
+        self.stopper = StopMatcher(list(request.stop))
+        self.splitter = ReasoningSplitter(request.in_reasoning)
+        self.tokens: list[int] = []
+        self.text_parts: list[str] = []
+        self.reasoning_tokens, self.budget_hit, self.finish = 0, False, "length"
+        self.forced = (codec.encode(FORCED_CLOSE, add_special_tokens=False)
+                       if request.thinking_budget is not None else [])
+        self.t_first: float | None = None
+        self.guide = None
+        if request.answer_format is not None:   # imports the constraint library only now
+            from .constrain import Guide
+
+            self.guide = Guide(request.answer_format, codec, decoder.vocab, eos_ids,
+                               in_reasoning=request.in_reasoning)
+
+    def emit(self, delta: str) -> Iterator[Event]:
+        self.text_parts.append(delta)
+        for kind, piece in self.splitter.feed(delta):
             yield Event(kind, piece)
 
-    while len(tokens) < max_new:
-        if logits is None or (cancel is not None and cancel.is_set()):
-            finish = "cancelled"
-            break
-        if guide is not None:
-            logits = guide.mask(logits, splitter.in_reasoning)
-        token = sampler(logits)
-        if t_first is None:
-            t_first = time.perf_counter()
-        if token in eos_ids and (guide is not None or not request.ignore_eos):
-            finish = "stop"
-            break
-        tokens.append(token)
-        sampler.observe((token,))
-        safe, stopped = stopper.feed(detok.push(token))
-        text_parts.append(safe)
-        yield from emit(safe)
-        if stopped:
-            finish = "stop"
-            break
-        if guide is not None and guide.advance(token, safe):   # the format is complete: only EOS could follow
-            finish = "stop"
-            break
-        if splitter.in_reasoning:
-            reasoning_tokens += 1
-            if request.thinking_budget is not None and reasoning_tokens >= request.thinking_budget \
-                    and decoder.position + 1 + len(forced) < capacity:
-                # End the thought the way R1 does and make the model answer. The forced tokens go through the
-                # model (so it sees them) and through the text path (so the splitter switches to the answer).
-                # They take cache rows but are not completion tokens: the cache check below stops the answer.
-                decoder.step(np.asarray([token], dtype=np.int64))
-                logits = decoder.step(np.asarray(forced, dtype=np.int64))
-                budget_hit = True
-                forced_text = codec.decode(forced)
-                # A character the budget cut in half is dropped with the thought, not flushed into the answer
-                # as U+FFFD by the next token (it would break a constrained JSON answer).
-                detok = codec.stream(skip_special_tokens=True)
-                text_parts.append(forced_text)
-                yield from emit(forced_text)
-                continue
-        if len(tokens) >= max_new or decoder.position >= capacity:   # the cache is full: "length"
-            break
-        logits = decoder.step(np.asarray([token], dtype=np.int64))
+    def decode(self, logits, sampler: Sampler, max_new: int, cancel: threading.Event | None) -> Iterator[Event]:
+        decoder, request, guide, capacity = self.decoder, self.request, self.guide, self.decoder.capacity
+        while len(self.tokens) < max_new:
+            if logits is None or (cancel is not None and cancel.is_set()):
+                self.finish = "cancelled"
+                return
+            if guide is not None:
+                logits = guide.mask(logits, self.splitter.in_reasoning)
+            token = sampler(logits)
+            if self.t_first is None:
+                self.t_first = time.perf_counter()
+            if token in self.eos_ids and (guide is not None or not request.ignore_eos):
+                self.finish = "stop"
+                return
+            self.tokens.append(token)
+            sampler.observe((token,))
+            safe, stopped = self.stopper.feed(self.detok.push(token))
+            yield from self.emit(safe)
+            if stopped:
+                self.finish = "stop"
+                return
+            if guide is not None and guide.advance(token, safe):   # the format is complete: only EOS could follow
+                self.finish = "stop"
+                return
+            if self.splitter.in_reasoning:
+                self.reasoning_tokens += 1
+                if request.thinking_budget is not None and self.reasoning_tokens >= request.thinking_budget \
+                        and decoder.position + 1 + len(self.forced) < capacity:
+                    logits = yield from self.end_thought(token)
+                    continue
+            if len(self.tokens) >= max_new or decoder.position >= capacity:   # the cache is full: "length"
+                return
+            logits = decoder.step(np.asarray([token], dtype=np.int64))
 
-    if spec_decoder is not None:
-        spec_decoder.settle()    # the cache holds the prompt and the tokens stepped, as without speculation
-    if finish != "stop":
-        tail = stopper.finish()
-        text_parts.append(tail)
-        yield from emit(tail)
-    for kind, piece in splitter.finish():
-        yield Event(kind, piece)
-    t_end = time.perf_counter()
-    n = len(tokens)
-    decode_s = (t_end - t_first) if t_first is not None else 0.0
-    result = GenerationResult(
-        text="".join(text_parts), reasoning="".join(splitter.reasoning), answer="".join(splitter.answer),
-        prompt_tokens=len(ids), completion_tokens=n, finish_reason=finish,
-        ttft_ms=((t_first or t_end) - t0) * 1000, decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-        total_ms=(t_end - t0) * 1000, reasoning_tokens=reasoning_tokens, thinking_budget_hit=budget_hit,
-        tokens=tokens, cached_tokens=kept, format_complete=None if guide is None else guide.complete,
-        drafted=spec_decoder.drafted if spec_decoder else 0, accepted=spec_decoder.accepted if spec_decoder else 0)
-    yield Event("done", result=result)
+    def end_thought(self, token: int):
+        """The thinking budget is spent: end the thought the way R1 does and make the model answer. The forced
+        tokens go through the model (so it sees them) and through the text path (so the splitter switches to
+        the answer). They take cache rows but are not completion tokens: the cache check stops the answer.
+        Returns the logits after them (a generator's return value: ``logits = yield from ...``)."""
+        self.decoder.step(np.asarray([token], dtype=np.int64))
+        logits = self.decoder.step(np.asarray(self.forced, dtype=np.int64))
+        self.budget_hit = True
+        forced_text = self.codec.decode(self.forced)
+        # A character the budget cut in half is dropped with the thought, not flushed into the answer
+        # as U+FFFD by the next token (it would break a constrained JSON answer).
+        self.detok = self.codec.stream(skip_special_tokens=True)
+        yield from self.emit(forced_text)
+        return logits
+
+    def flush(self) -> Iterator[Event]:
+        """What the stop matcher held back (unless a stop string ended the text) and the splitter's rest."""
+        if self.finish != "stop":
+            yield from self.emit(self.stopper.finish())
+        for kind, piece in self.splitter.finish():
+            yield Event(kind, piece)
+
+    def result(self, t0: float, kept: int, spec_decoder) -> GenerationResult:
+        t_end, t_first, n = time.perf_counter(), self.t_first, len(self.tokens)
+        decode_s = (t_end - t_first) if t_first is not None else 0.0
+        splitter, guide = self.splitter, self.guide
+        return GenerationResult(
+            text="".join(self.text_parts), reasoning="".join(splitter.reasoning), answer="".join(splitter.answer),
+            prompt_tokens=len(self.request.prompt_ids), completion_tokens=n, finish_reason=self.finish,
+            ttft_ms=((t_first or t_end) - t0) * 1000,
+            decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_ms=(t_end - t0) * 1000, reasoning_tokens=self.reasoning_tokens, thinking_budget_hit=self.budget_hit,
+            tokens=self.tokens, cached_tokens=kept, format_complete=None if guide is None else guide.complete,
+            drafted=spec_decoder.drafted if spec_decoder else 0, accepted=spec_decoder.accepted if spec_decoder else 0)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BudgetExceeded, BundleError
+from .dtypes import KV_DTYPES, ONNX_ELEM_BYTES, ONNX_ELEM_TYPES
 
 MiB = 1024 * 1024
 
@@ -43,11 +44,6 @@ def need_for(memory: dict, max_context: int) -> MemoryNeed:
                       int(memory.get("workspace_bytes", 0)), int(memory.get("overhead_bytes", 0)), max_context)
 
 
-# ONNX element types of a KV cache, and the manifest's names for them
-_ELEM_BYTES = {1: 4, 10: 2, 16: 2, 3: 1}                 # float, float16, bfloat16, int8
-_KV_ELEM = {"float": 1, "float32": 1, "float16": 10, "int8": 3}   # int8: --kv-cache int8 (export/kv_int8.py)
-
-
 def graph_memory(manifest, info) -> dict:
     """The manifest's ``memory`` section with what the backend really allocates in place of its claims.
 
@@ -59,10 +55,10 @@ def graph_memory(manifest, info) -> dict:
     """
     spec, graph = manifest.spec(), manifest.graph["file"]
     kv_dtype = manifest.graph.get("kv_dtype", "float32")
-    elem = _KV_ELEM.get(kv_dtype)
-    if elem is None:
+    if kv_dtype not in KV_DTYPES:
         raise BundleError(f"manifest.json graph.kv_dtype {kv_dtype!r} is not a KV cache type edgekit knows "
-                          f"({', '.join(_KV_ELEM)}): rebuild the bundle")
+                          f"({', '.join(KV_DTYPES)}): rebuild the bundle")
+    elem = ONNX_ELEM_TYPES[KV_DTYPES[kv_dtype]]
     expected = {f"past_{kind}_{i}" for i in range(spec.num_layers) for kind in ("key", "value")}
     past = {name: v for name, v in info.inputs.items() if name.startswith("past_")}
     per_token = 0
@@ -75,7 +71,7 @@ def graph_memory(manifest, info) -> dict:
                 f"{graph} input {name} is {shown} but the manifest describes {spec.num_layers} layers of "
                 f"{kv_dtype} K/V with {spec.num_kv_heads} kv heads x head_dim {spec.head_dim}: the manifest does "
                 "not match the graph (corrupt or hostile); rebuild the bundle")
-        per_token += spec.num_kv_heads * spec.head_dim * _ELEM_BYTES[elem_type]
+        per_token += spec.num_kv_heads * spec.head_dim * ONNX_ELEM_BYTES[elem_type]
     graph_dir = graph.rpartition("/")[0]
     data = {f"{graph_dir}/{loc}" if graph_dir else loc for loc in info.locations}
     weights = sum(int(manifest.files[name]["size"]) for name in data if name in manifest.files)
@@ -95,6 +91,22 @@ def rotary_rows(manifest, info) -> int:
     return min(rows)
 
 
+def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
+    """MemTotal, MemAvailable, CmaTotal, CmaFree (those present) in bytes from /proc/meminfo."""
+    out: dict[str, int] = {}
+    try:
+        lines = (root / "proc/meminfo").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable", "CmaTotal", "CmaFree"):
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1)
+    return out
+
+
 def _read_int(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
@@ -103,18 +115,19 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def cgroup_limit(root: Path = Path("/")) -> int | None:
+    """The container's memory limit (cgroup v2 ``memory.max``), or None without one ("max" or no cgroup v2)."""
+    return _read_int(root / "sys/fs/cgroup/memory.max")
+
+
 def available_memory(root: Path = Path("/")) -> tuple[int, str]:
     """(bytes available to this process, where the number comes from). ``root`` is for tests."""
     candidates: list[tuple[int, str]] = []
-    try:
-        for line in (root / "proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                candidates.append((int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"))
-                break
-    except (OSError, ValueError, IndexError):
-        pass
+    available = read_meminfo(root).get("MemAvailable")
+    if available is not None:
+        candidates.append((available, "MemAvailable in /proc/meminfo"))
     cg = root / "sys/fs/cgroup"
-    limit, used = _read_int(cg / "memory.max"), _read_int(cg / "memory.current")
+    limit, used = cgroup_limit(root), _read_int(cg / "memory.current")
     if limit is not None and used is not None:
         candidates.append((max(0, limit - used), "cgroup v2 memory.max - memory.current"))
     limit, used = _read_int(cg / "memory/memory.limit_in_bytes"), _read_int(cg / "memory/memory.usage_in_bytes")

@@ -178,38 +178,16 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     """
     manifest = read_manifest(bundle)
     verify(bundle, weights=verify_weights).raise_for_problems()
-    if backend not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    chosen = manifest.backend if backend == "auto" else backend
-    if chosen not in (*ORT_BACKENDS, "tensorrt"):
-        raise BundleError(f"bundle {bundle} is for backend {chosen!r}, which this edgekit does not know: "
-                          "upgrade edgekit, or rebuild the bundle")
-    if chosen == "tensorrt" and manifest.backend != "tensorrt":   # TensorRT runs only the tensorrt dialect + engine
-        raise BackendUnavailable(
-            f"bundle {bundle} is built for {manifest.backend} (target {manifest.target['name']}), not TensorRT: "
-            f"run it with the {manifest.backend} backend (--backend {manifest.backend}, or auto), or build a "
-            "TensorRT bundle for a GPU target (edgekit build MODEL --target orin-nano)")
+    chosen = _choose_backend(manifest, backend, bundle)
     graph_path = manifest.path(manifest.graph["file"])
     try:   # verify() read it too: what the graph reads is a file of the bundle
         info = read_graph(graph_path.read_bytes())
     except (ValueError, RecursionError) as e:
         raise BundleError(f"{graph_path} is not a readable ONNX model ({e}): rebuild or re-copy the bundle") from None
-    built = int(manifest.max_context)
-    context = built if max_context is None else max_context
-    if not isinstance(context, int) or isinstance(context, bool) or not 2 <= context <= built:
-        raise GenerationError(f"invalid max_context {max_context!r}: this bundle supports 2 .. {built}")
-    rows = rotary_rows(manifest, info)
-    if context > rows:   # onnxruntime would fail mid-generation, at the first position past the table
-        raise BundleError(f"bundle {bundle} claims max_context {built} but its graph's rotary tables cover "
-                          f"{rows} positions: the manifest is corrupt or hostile; rebuild the bundle, or load "
-                          f"with max_context <= {rows}")
+    context, fits = _context(manifest, info, max_context, bundle)
     need = check_budget(graph_memory(manifest, info), context, budget=_parse_budget(memory_budget),
-                        bundle_context=min(built, rows))
-
-    tok = manifest.tokenizer
-    template_name = tok.get("chat_template")
-    codec = TextCodec(manifest.path(tok["file"]).read_text(encoding="utf-8"),
-                      manifest.path(template_name).read_text(encoding="utf-8") if template_name else None, tok)
+                        bundle_context=fits)
+    codec = _text_codec(manifest)
     if chosen == "tensorrt":   # probes the GPU and checks the engine before TensorRT is imported
         from .trt_backend import open_engine_decoder
 
@@ -226,6 +204,45 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     _speculate(model, Speculation.of(speculative), bundle=bundle, backend=backend, threads=threads,
                memory_budget=memory_budget)
     return model
+
+
+def _choose_backend(manifest, backend: str, bundle) -> str:
+    """The backend to run ``manifest`` with: the bundle's for "auto", else ``backend`` if it can run it."""
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    chosen = manifest.backend if backend == "auto" else backend
+    if chosen not in (*ORT_BACKENDS, "tensorrt"):
+        raise BundleError(f"bundle {bundle} is for backend {chosen!r}, which this edgekit does not know: "
+                          "upgrade edgekit, or rebuild the bundle")
+    if chosen == "tensorrt" and manifest.backend != "tensorrt":   # TensorRT runs only the tensorrt dialect + engine
+        raise BackendUnavailable(
+            f"bundle {bundle} is built for {manifest.backend} (target {manifest.target['name']}), not TensorRT: "
+            f"run it with the {manifest.backend} backend (--backend {manifest.backend}, or auto), or build a "
+            "TensorRT bundle for a GPU target (edgekit build MODEL --target orin-nano)")
+    return chosen
+
+
+def _context(manifest, info, max_context: int | None, bundle) -> tuple[int, int]:
+    """(the KV cache size to load with, the largest the bundle really supports: the manifest's max_context
+    within the positions its graph's rotary tables cover)."""
+    built = int(manifest.max_context)
+    context = built if max_context is None else max_context
+    if not isinstance(context, int) or isinstance(context, bool) or not 2 <= context <= built:
+        raise GenerationError(f"invalid max_context {max_context!r}: this bundle supports 2 .. {built}")
+    rows = rotary_rows(manifest, info)
+    if context > rows:   # onnxruntime would fail mid-generation, at the first position past the table
+        raise BundleError(f"bundle {bundle} claims max_context {built} but its graph's rotary tables cover "
+                          f"{rows} positions: the manifest is corrupt or hostile; rebuild the bundle, or load "
+                          f"with max_context <= {rows}")
+    return context, min(built, rows)
+
+
+def _text_codec(manifest) -> TextCodec:
+    """The bundle's tokenizer and chat template."""
+    tok = manifest.tokenizer
+    template_name = tok.get("chat_template")
+    return TextCodec(manifest.path(tok["file"]).read_text(encoding="utf-8"),
+                     manifest.path(template_name).read_text(encoding="utf-8") if template_name else None, tok)
 
 
 def _speculate(model: Model, spec: Speculation | None, **load_kw) -> None:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendUnavailable, GenerationError
+from .dtypes import KV_DTYPES
 from .memory import release_free_heap
 from .prefix import TokenRows
-
-_NP = {"float": np.float32, "float32": np.float32, "float16": np.float16, "int8": np.int8}
 
 
 def _providers(backend: str, ort) -> list:
@@ -33,6 +32,32 @@ def _providers(backend: str, ort) -> list:
     raise BackendUnavailable(f"backend {backend!r} is not an onnxruntime backend")
 
 
+
+def _open_session(ort, model_path: str, backend: str, threads: int | None, profile_prefix: str | None):
+    """The onnxruntime session of the graph, on the backend's providers; one-line errors."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings would go to the host program's stderr
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    if profile_prefix:      # benchmarks/profile_decode.py: per-node kernel times in a JSON trace
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    providers = _providers(backend, ort)
+    try:
+        session = ort.InferenceSession(model_path, options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types; keep one line
+        raise BackendUnavailable(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0][:300]}") from None
+    finally:
+        release_free_heap()     # what constant folding and repacking freed (GiBs for a 7B), back to the system
+    if backend == "onnxruntime-cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        # onnxruntime silently falls back to CPU when CUDA cannot start; a robot must not run 20x slower unnoticed
+        raise BackendUnavailable("onnxruntime could not start CUDA (no GPU or driver) and fell back to the CPU: "
+                                 "use the onnxruntime-cpu backend explicitly (--backend onnxruntime-cpu), "
+                                 "or fix the GPU setup (edgekit doctor)")
+    return session
+
 class OrtDecoder(TokenRows):
     """Runs the exported graph step by step over a fixed-capacity KV cache (batch 1)."""
 
@@ -42,65 +67,50 @@ class OrtDecoder(TokenRows):
 
         self.dialect, self.spec, self.capacity = dialect, spec, capacity
         self.reset()  # position 0: no tokens in the cache (TokenRows also tracks their ids, for prefix reuse)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # warnings would go to the host program's stderr
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        if profile_prefix:      # benchmarks/profile_decode.py: per-node kernel times in a JSON trace
-            options.enable_profiling = True
-            options.profile_file_prefix = profile_prefix
-        providers = _providers(backend, ort)
-        try:
-            self.session = ort.InferenceSession(model_path, options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types; keep one line
-            raise BackendUnavailable(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0][:300]}") from None
-        finally:
-            release_free_heap()     # what constant folding and repacking freed (GiBs for a 7B), back to the system
-        if backend == "onnxruntime-cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            # onnxruntime silently falls back to CPU when CUDA cannot start; a robot must not run 20x slower unnoticed
-            raise BackendUnavailable("onnxruntime could not start CUDA (no GPU or driver) and fell back to the CPU: "
-                                     "use the onnxruntime-cpu backend explicitly (--backend onnxruntime-cpu), "
-                                     "or fix the GPU setup (edgekit doctor)")
+        self.session = _open_session(ort, model_path, backend, threads, profile_prefix)
         self.device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
-        self.dtype = _NP[kv_dtype]
+        self.dtype = np.dtype(KV_DTYPES[kv_dtype]).type
         self.kv_dtype_name = kv_dtype
         self.vocab = spec.vocab_size
-        L, Hkv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
         self._ort = ort
         if dialect == "ort":
-            shape = (1, Hkv, capacity, D)                                  # (batch, kv_heads, capacity, head_dim)
-            self.cache = {f"{kind}_{i}": ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device)
-                          for i in range(L) for kind in ("key", "value")}
-            logits_shape = next(o.shape for o in self.session.get_outputs() if o.name == "logits")
-            # "last" graphs by this edgekit take logits_rows (default 1): the logits of the last N tokens
-            # (an input with a default is listed by get_overridable_initializers, not get_inputs)
-            self.rows_input = any(i.name == "logits_rows" for i in
-                                  (*self.session.get_inputs(), *self.session.get_overridable_initializers()))
-            # A "last" graph has a (1, 1, V) output per step that can be preallocated; an "all" one (tests, eval)
-            # cannot, nor a verify step's (1, N, V).
-            self.logits = (ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab), np.float32, self.device)
-                           if logits_shape[1] == 1 or self.rows_input else None)
-            self.all_logits = self.logits is None
-            # IO binding finds an input with a default only as an OrtValue (bind_cpu_input refuses the name)
-            self._one_row = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
-            self._seqlens = np.zeros(1, np.int32)
-            self._total = np.zeros(1, np.int32)
-            self.binding = self.session.io_binding()
-            for name, value in self.cache.items():
-                self.binding.bind_ortvalue_input(f"past_{name}", value)
-                self.binding.bind_ortvalue_output(f"present_{name}", value)
-            if self.logits is not None:
-                self.binding.bind_ortvalue_output("logits", self.logits)
-            if self.rows_input:
-                self.binding.bind_ortvalue_input("logits_rows", self._one_row)
+            self._bind_ort_cache()
         else:
-            shape = (1, capacity, Hkv, D)                                  # (batch, capacity, kv_heads, head_dim)
-            self.cache = {f"{kind}_{i}": np.zeros(shape, self.dtype) for i in range(L) for kind in ("key", "value")}
+            shape = (1, capacity, spec.num_kv_heads, spec.head_dim)      # (batch, capacity, kv_heads, head_dim)
+            self.cache = {f"{kind}_{i}": np.zeros(shape, self.dtype)
+                          for i in range(spec.num_layers) for kind in ("key", "value")}
             self._out_names = [o.name for o in self.session.get_outputs()]
             self.rows_input = False
             self.all_logits = next(o.shape for o in self.session.get_outputs() if o.name == "logits")[1] != 1
+
+    def _bind_ort_cache(self) -> None:
+        """The ``ort`` dialect: the KV cache and logits as OrtValues, bound once (a decode step allocates nothing)."""
+        ort, spec = self._ort, self.spec
+        shape = (1, spec.num_kv_heads, self.capacity, spec.head_dim)      # (batch, kv_heads, capacity, head_dim)
+        self.cache = {f"{kind}_{i}": ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device)
+                      for i in range(spec.num_layers) for kind in ("key", "value")}
+        logits_shape = next(o.shape for o in self.session.get_outputs() if o.name == "logits")
+        # "last" graphs by this edgekit take logits_rows (default 1): the logits of the last N tokens
+        # (an input with a default is listed by get_overridable_initializers, not get_inputs)
+        self.rows_input = any(i.name == "logits_rows" for i in
+                              (*self.session.get_inputs(), *self.session.get_overridable_initializers()))
+        # A "last" graph has a (1, 1, V) output per step that can be preallocated; an "all" one (tests, eval)
+        # cannot, nor a verify step's (1, N, V).
+        self.logits = (ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab), np.float32, self.device)
+                       if logits_shape[1] == 1 or self.rows_input else None)
+        self.all_logits = self.logits is None
+        # IO binding finds an input with a default only as an OrtValue (bind_cpu_input refuses the name)
+        self._one_row = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
+        self._seqlens = np.zeros(1, np.int32)
+        self._total = np.zeros(1, np.int32)
+        self.binding = self.session.io_binding()
+        for name, value in self.cache.items():
+            self.binding.bind_ortvalue_input(f"past_{name}", value)
+            self.binding.bind_ortvalue_output(f"present_{name}", value)
+        if self.logits is not None:
+            self.binding.bind_ortvalue_output("logits", self.logits)
+        if self.rows_input:
+            self.binding.bind_ortvalue_input("logits_rows", self._one_row)
 
     @property
     def can_verify(self) -> bool:

@@ -26,15 +26,17 @@ succeeded (TensorRT crashes the process without a GPU).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from ..errors import BackendUnavailable, BudgetExceeded, BundleError, GenerationError, GpuStepFailed
+from .cuda_runtime import CudaRuntime
+from .dtypes import KV_DTYPES
+from .gpu_driver import module_present, probe_driver, tensorrt_version
 from .prefix import TokenRows
+from .trt_compat import check_engine, import_tensorrt
 
 ALIGNMENT = 256           # bytes; the alignment cudaMalloc gives and TensorRT expects of tensor addresses
-_NP = {"float32": np.float32, "float16": np.float16, "float": np.float32}
 
 
 # ----- the bookkeeping, pure ------------------------------------------------------------------------------
@@ -104,67 +106,6 @@ def needs_scratch(layout: KvLayout, alignment: int = ALIGNMENT) -> bool:
     return layout.row_bytes % alignment != 0
 
 
-# ----- cuda-python ----------------------------------------------------------------------------------------
-class CudaRuntime:
-    """The few CUDA runtime calls the backend makes, through cuda-python, with errors turned into ours."""
-
-    def __init__(self, cudart):
-        self.rt = cudart
-
-    @classmethod
-    def load(cls) -> CudaRuntime:
-        try:
-            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6 (cuda-bindings)
-        except ImportError:
-            try:
-                from cuda import cudart  # older cuda-python
-            except ImportError:
-                raise BackendUnavailable("the TensorRT backend needs cuda-python: pip install cuda-python "
-                                         "(or use the onnxruntime-cpu backend: --backend onnxruntime-cpu)") from None
-        return cls(cudart)
-
-    def _ok(self, result, what: str):
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if err != self.rt.cudaError_t.cudaSuccess:
-            name = getattr(err, "name", str(err))
-            if "MemoryAllocation" in name:
-                raise BudgetExceeded(f"{what} failed: the GPU is out of memory ({name}); load with a smaller "
-                                     "max_context or free GPU memory")
-            raise BackendUnavailable(f"{what} failed with {name}: check the GPU with `edgekit doctor`")
-        return rest[0] if len(rest) == 1 else tuple(rest)
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self._ok(self.rt.cudaMalloc(int(nbytes)), f"cudaMalloc({nbytes})"))
-
-    def free(self, ptr: int) -> None:
-        self._ok(self.rt.cudaFree(ptr), "cudaFree")
-
-    def stream(self):
-        return self._ok(self.rt.cudaStreamCreate(), "cudaStreamCreate")
-
-    def destroy_stream(self, stream) -> None:
-        self._ok(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
-
-    def htod(self, dst: int, host: np.ndarray, nbytes: int, stream) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._ok(self.rt.cudaMemcpyAsync(dst, host.ctypes.data, nbytes, kind, stream), "cudaMemcpyAsync(HtoD)")
-
-    def dtoh(self, host: np.ndarray, src: int, nbytes: int, stream) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._ok(self.rt.cudaMemcpyAsync(host.ctypes.data, src, nbytes, kind, stream), "cudaMemcpyAsync(DtoH)")
-
-    def dtod(self, dst: int, src: int, nbytes: int, stream) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        self._ok(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream), "cudaMemcpyAsync(DtoD)")
-
-    def sync(self, stream) -> None:
-        self._ok(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-
-    def mem_get_info(self) -> tuple[int, int]:
-        free, total = self._ok(self.rt.cudaMemGetInfo(), "cudaMemGetInfo")
-        return int(free), int(total)
-
-
 # ----- the decoder ----------------------------------------------------------------------------------------
 class TrtDecoder(TokenRows):
     """Runs a TensorRT engine step by step over a fixed-capacity KV cache on the GPU (batch 1)."""
@@ -180,7 +121,7 @@ class TrtDecoder(TokenRows):
         self._cuda, self._trt = cuda, trt
         self._allocations: list[int] = []
         self._stream = None
-        dtype = np.dtype(_NP.get(kv_dtype, np.float16))
+        dtype = np.dtype(KV_DTYPES.get(kv_dtype, "float16"))
         self.dtype = dtype
         self.layout = KvLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.capacity, dtype.itemsize)
 
@@ -346,9 +287,6 @@ def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None,
     ``probe``/``trt``/``cuda`` are for tests; by default the GPU is probed first and TensorRT imported only
     when the probe found one.
     """
-    from ..engine.compat import check_engine
-    from ..gpu.probe import module_present, probe_driver, tensorrt_version
-
     folder = str(manifest.folder)
     engine = manifest.engine
     if not engine:
@@ -360,7 +298,7 @@ def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None,
     probe = probe if probe is not None else probe_driver()
     installed = str(trt.__version__) if trt is not None else tensorrt_version()
     if installed is None and probe.ok and module_present("tensorrt"):
-        trt = _import_tensorrt()                   # JetPack's apt package may lack pip metadata
+        trt = import_tensorrt()                   # JetPack's apt package may lack pip metadata
         installed = str(trt.__version__)
     check_engine(engine, probe, installed, bundle=folder)
     options = engine.get("options") or {}
@@ -370,7 +308,7 @@ def open_engine_decoder(manifest, *, capacity: int, probe=None, trt=None,
     if capacity > built_context:
         raise GenerationError(f"max_context {capacity} is more than the engine was built for ({built_context}): "
                               f"use max_context <= {built_context}, or rebuild the engine")
-    trt = trt if trt is not None else _import_tensorrt()
+    trt = trt if trt is not None else import_tensorrt()
     cuda = cuda if cuda is not None else CudaRuntime.load()
     return TrtDecoder(manifest.path(engine["file"]), spec=manifest.spec(), capacity=capacity,
                       kv_dtype=manifest.graph.get("kv_dtype", "float16"),
@@ -405,11 +343,3 @@ def _deserialize(trt, runtime, engine):
     with open(engine, "rb") as f:
         return runtime.deserialize_cuda_engine(FileReader(f))
 
-
-def _import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise BackendUnavailable(f"the tensorrt Python module cannot be imported ({e}): install TensorRT (Jetson: "
-                                 "sudo apt install python3-libnvinfer; desktop: pip install tensorrt)") from None
-    return tensorrt

@@ -150,7 +150,8 @@ def _take_place(state: ServerState):
 def _tool_plan(model, params, default: str):
     """The tools plan for this model's template (prompt block or template variable, answer format, parser);
     ``default`` (edgekit serve --tool-choice) when the request sends no tool_choice."""
-    from ..runtime.tools import default_choice, plan
+    from ..runtime.tool_defs import default_choice
+    from ..runtime.tools import plan
 
     choice = params.tool_choice
     if choice is None and params.tools:

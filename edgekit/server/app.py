@@ -46,7 +46,7 @@ def create_app(model=None, *, api_key: str | None = None, max_queue: int = 8, mo
     server starts; ``on_ready(state)`` runs once requests are served and ``on_load_failed(exc)`` if loading
     raised. ``thinking_budget`` is the default for requests that send none (smart-home integrations cannot
     add extension fields); ``tool_choice`` likewise for requests with tools and no tool_choice ("auto",
-    "required" or "after-user", see :data:`edgekit.runtime.tools.DEFAULT_CHOICES`). ``app.state.server`` is the
+    "required" or "after-user", see :data:`edgekit.runtime.tool_defs.DEFAULT_CHOICES`). ``app.state.server`` is the
     :class:`ServerState` (slot, metrics, draining).
     """
     _check_defaults(thinking_budget, tool_choice)
@@ -72,7 +72,7 @@ def create_app(model=None, *, api_key: str | None = None, max_queue: int = 8, mo
 def _check_defaults(thinking_budget: int | None, tool_choice: str) -> None:
     if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 0):
         raise UserInputError(f"invalid thinking_budget {thinking_budget!r}: use a whole number of tokens >= 0")
-    from ..runtime.tools import DEFAULT_CHOICES
+    from ..runtime.tool_defs import DEFAULT_CHOICES
 
     if tool_choice not in DEFAULT_CHOICES:
         raise UserInputError(f"invalid tool_choice {tool_choice!r}: use one of {', '.join(DEFAULT_CHOICES)}")

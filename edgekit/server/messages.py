@@ -107,7 +107,7 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
 def parse_tools_fields(tools: Any, tool_choice: Any) -> tuple[tuple, Any]:
     """``tools`` and ``tool_choice`` checked (a 400 naming the field, e.g. ``tools[0].function.parameters``)."""
     from ..errors import ToolError
-    from ..runtime.tools import parse_tool_choice, parse_tools
+    from ..runtime.tool_defs import parse_tool_choice, parse_tools
 
     try:
         parsed = parse_tools(tools)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 from ..errors import HubUnavailable, ModelFormatError, ModelNotFound
-from ..spec import ModelSpec
+from ..spec import ModelSpec, spec_from_config_file
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -88,7 +88,7 @@ def resolve(model: str | Path, *, config_only: bool = False) -> ModelSource:
             raise ModelFormatError(
                 f"{path} has no config.json: give a Hugging Face model folder (config.json + *.safetensors) "
                 "or a .gguf file")
-        return ModelSource("hf", path, ModelSpec.from_config_file(config), text)
+        return ModelSource("hf", path, spec_from_config_file(config), text)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             from .gguf import spec_from_gguf  # gguf is a build-time dependency
@@ -101,7 +101,7 @@ def resolve(model: str | Path, *, config_only: bool = False) -> ModelSource:
             "(config.json + *.safetensors) or a .gguf file")
     if _HUB_ID.match(text) and not text.startswith((".", "~")):
         local = download_from_hub(text, config_only=config_only)
-        return ModelSource("hf", local, ModelSpec.from_config_file(local / "config.json"), text)
+        return ModelSource("hf", local, spec_from_config_file(local / "config.json"), text)
     raise ModelNotFound(
         f"no such model {text!r}: give a local folder, a .gguf file, or a Hugging Face hub id like "
         "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))   # standin (used by tests/test_e
 @lru_cache(maxsize=1)
 def gpu_skip_reason() -> str | None:
     """Why the real-GPU tests cannot run here, or None. Decided without importing TensorRT."""
-    from edgekit.gpu.probe import CUDA_PYTHON_DISTS, module_present, package_version, probe_driver, tensorrt_version
+    from edgekit.gpu.probe import CUDA_PYTHON_DISTS
+    from edgekit.runtime.gpu_driver import module_present, package_version, probe_driver, tensorrt_version
 
     probe = probe_driver()
     if not probe.ok:

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from edgekit.gpu.probe import DriverProbe, GpuDevice
+from edgekit.runtime.gpu_driver import DriverProbe, GpuDevice
 
 ORIN = ("Orin", (8, 7), 7_620_000_000)
 RTX_4090 = ("NVIDIA GeForce RTX 4090", (8, 9), 25_300_000_000)

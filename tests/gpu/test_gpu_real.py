@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgekit.build.target import list_targets
-from edgekit.gpu.probe import probe_driver
+from edgekit.runtime.gpu_driver import probe_driver
 
 
 def _target_for_this_gpu():
@@ -25,7 +25,7 @@ def _target_for_this_gpu():
 def test_probe_sees_a_gpu_and_tensorrt_matches():
     import tensorrt
 
-    from edgekit.engine.compat import MIN_TENSORRT, version_tuple
+    from edgekit.runtime.trt_compat import MIN_TENSORRT, version_tuple
 
     probe = probe_driver()
     assert probe.ok and probe.devices[0].compute_capability >= (5, 0)
