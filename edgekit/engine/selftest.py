@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..architectures import weight_shapes
 from ..errors import BackendUnavailable
 from ..spec import ModelSpec
 
@@ -48,19 +49,15 @@ class RandomWeights:
         self.spec, self.seed = spec, seed
 
     def has(self, canonical: str, layer: int | None = None) -> bool:
-        from ..export.decoder import expected_shape
-
         if canonical == "rope_freqs.weight":
             return False
         if canonical.endswith(".bias"):
             part = canonical.split(".")[-2]
             return part in ("q", "k", "v") and self.spec.qkv_bias
-        return expected_shape(self.spec, canonical) is not None
+        return canonical in weight_shapes(self.spec)
 
     def tensor(self, canonical: str, layer: int | None = None) -> np.ndarray:
-        from ..export.decoder import expected_shape
-
-        shape = expected_shape(self.spec, canonical)
+        shape = weight_shapes(self.spec).get(canonical)
         key = sum(map(ord, canonical)) * 31 + (layer or 0)
         rng = np.random.default_rng(self.seed * 1_000_003 + key)
         if canonical.endswith("norm.weight"):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..architectures import GGUF_WEIGHT_NAMES, Architecture, layer_name, lookup_gguf
+from ..architectures import GGUF_WEIGHT_NAMES, Architecture, layer_name, lookup_gguf, required_weight_shapes
 from ..errors import ModelFormatError, UnsupportedQuantType
 from ..spec import ModelSpec, spec_from_fields
 from . import gguf_tokenizer
@@ -358,27 +358,6 @@ def _check_tokenizer_and_template(gg: GGUFHeader, path: Path) -> None:
         check_template(template, path.name)
 
 
-def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> Hugging Face shape of every tensor the exporter reads."""
-    h = spec.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "embed.weight": (spec.vocab_size, h), "final_norm.weight": (h,),
-        "layers.{i}.attn_norm.weight": (h,), "layers.{i}.mlp_norm.weight": (h,),
-    }
-    if not spec.tie_word_embeddings:
-        shapes["lm_head.weight"] = (spec.vocab_size, h)
-    for linear, (out, inp) in spec.linear_shapes.items():
-        shapes[f"layers.{{i}}.{linear}.weight"] = (out, inp)
-    if spec.qkv_bias:
-        shapes.update({"layers.{i}.q.bias": (spec.q_size,), "layers.{i}.k.bias": (spec.kv_size,),
-                       "layers.{i}.v.bias": (spec.kv_size,)})
-    if spec.o_bias:
-        shapes["layers.{i}.o.bias"] = (h,)
-    if any(key == "rope_freqs" for key, _ in spec.extras):
-        shapes["rope_freqs.weight"] = (spec.head_dim // 2,)
-    return shapes
-
-
 def _display_name(gg: GGUFHeader) -> str | None:
     """"DeepSeek-R1-Distill-Qwen-7B" from general.basename + general.size_label (as llama.cpp names files);
     general.name is a prettified title ("Smollm2 135M 8k Lc100K Mix1 Ep2") used only without them."""
@@ -407,7 +386,7 @@ def _read_small(path: Path, t: TensorInfo) -> np.ndarray:
 
 def _check_tensors(gg: GGUFHeader, spec: ModelSpec, path: Path) -> None:
     tensors = {t.name: t for t in gg.tensors}
-    for canonical, shape in _expected_shapes(spec).items():
+    for canonical, shape in required_weight_shapes(spec).items():
         for layer in range(spec.num_layers) if "{i}" in canonical else (None,):
             name = layer_name(GGUF_WEIGHT_NAMES, canonical, layer)
             t = tensors.get(name)
