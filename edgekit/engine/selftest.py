@@ -148,15 +148,24 @@ def run_selftest(*, probe=None, trt=None, cuda=None, workdir: str | Path | None 
         reference = OrtDecoder(str(folder / exported.model_file), dialect="tensorrt", spec=spec, capacity=CONTEXT,
                                kv_dtype="float32", backend="onnxruntime-cpu")
         try:
-            got, want = [], []
-            sequence = [np.asarray(PROMPT[:CHUNK]), np.asarray(PROMPT[CHUNK:])] + [np.asarray([t]) for t in DECODE]
-            for tokens in sequence:
-                tokens = tokens.astype(np.int64)
-                got.append(np.array(ours.step(tokens), dtype=np.float32))
-                want.append(np.array(reference.step(tokens), dtype=np.float32))
+            got, want = _run_both(ours, reference)
         finally:
             ours.close()
-    got_all, want_all = np.stack(got), np.stack(want)
+    return _verdict(got, want, device, outcome)
+
+
+def _run_both(ours, reference) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of both decoders over the same steps: the prompt as two prefill chunks, then decode steps."""
+    got, want = [], []
+    sequence = [np.asarray(PROMPT[:CHUNK]), np.asarray(PROMPT[CHUNK:])] + [np.asarray([t]) for t in DECODE]
+    for tokens in sequence:
+        tokens = tokens.astype(np.int64)
+        got.append(np.array(ours.step(tokens), dtype=np.float32))
+        want.append(np.array(reference.step(tokens), dtype=np.float32))
+    return np.stack(got), np.stack(want)
+
+
+def _verdict(got_all: np.ndarray, want_all: np.ndarray, device, outcome) -> SelftestResult:
     diff = float(np.max(np.abs(got_all - want_all)))
     tolerance = RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(want_all))))
     agree = bool(np.all(got_all.argmax(-1) == want_all.argmax(-1)))
@@ -165,5 +174,5 @@ def run_selftest(*, probe=None, trt=None, cuda=None, workdir: str | Path | None 
     detail = ("logits agree" if passed else "non-finite logits" if not finite else
               f"max |difference| {diff:.3g} above tolerance {tolerance:.3g}" if diff > tolerance else
               "the greedy token differs")
-    return SelftestResult(passed, diff, tolerance, agree, len(sequence), device.name, device.sm,
+    return SelftestResult(passed, diff, tolerance, agree, len(got_all), device.name, device.sm,
                           outcome.tensorrt_version, outcome.seconds, detail)
