@@ -54,7 +54,7 @@ from onnx import TensorProto
 from ..architectures import weight_shapes
 from ..errors import ModelFormatError, UserInputError
 from ..spec import ModelSpec
-from .dialect import DIALECTS, OP_SETS
+from .dialect import DIALECTS, OP_SETS, WeightCodec
 from .graph import GraphBuilder
 from .rope import rope_tables
 
@@ -105,7 +105,8 @@ def _array(weight) -> np.ndarray:
 
 
 class DenseCodec:
-    """How weights become graph nodes, unquantized. Quantizers (``edgekit.quant.codec``) have the same methods.
+    """How weights become graph nodes, unquantized: the float :class:`~edgekit.export.dialect.WeightCodec`
+    (quantizing ones: :mod:`edgekit.quant.codec`).
 
     ``parts`` names the checkpoint tensors a (possibly packed) weight was made of, as (canonical, layer)
     pairs, so that a codec can go back to the source's own encoding (lossless GGUF import).
@@ -137,7 +138,7 @@ class DenseCodec:
 class DecoderWriter:
     """Emits the decoder into a GraphBuilder, one layer at a time, reading weights as it goes."""
 
-    def __init__(self, b: GraphBuilder, spec: ModelSpec, opts: GraphOptions, reader, codec=None):
+    def __init__(self, b: GraphBuilder, spec: ModelSpec, opts: GraphOptions, reader, codec: WeightCodec | None = None):
         self.b, self.spec, self.opts, self.reader = b, spec, opts, reader
         self.np_dtype, self.onnx_dtype = FLOAT_TYPES[opts.precision]
         self.codec = codec or DenseCodec(self.np_dtype)
