@@ -9,8 +9,12 @@ for a canonical name ("layers.3.q.weight") and the table says what the checkpoin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec
 
 # Canonical name -> Hugging Face checkpoint name. "{i}" is the layer index.
 HF_WEIGHT_NAMES: dict[str, str] = {
@@ -105,3 +109,31 @@ def layer_name(table: dict[str, str], canonical: str, layer: int | None = None) 
     """``layer_name(HF_WEIGHT_NAMES, "layers.{i}.q.weight", 3)`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     name = table[canonical]
     return name.format(i=layer) if layer is not None else name
+
+
+def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> Hugging Face shape of every weight the decoder may read, whether or not ``spec``'s
+    checkpoint has it (the LM head, every linear's bias, rope_freqs): what a weight must look like if present."""
+    h = spec.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed.weight": (spec.vocab_size, h), "final_norm.weight": (h,),
+        "layers.{i}.attn_norm.weight": (h,), "layers.{i}.mlp_norm.weight": (h,),
+        "lm_head.weight": (spec.vocab_size, h),
+    }
+    for linear, (out, inp) in spec.linear_shapes.items():
+        shapes[f"layers.{{i}}.{linear}.weight"] = (out, inp)
+    for linear, (out, _) in spec.linear_shapes.items():
+        shapes[f"layers.{{i}}.{linear}.bias"] = (out,)
+    shapes["rope_freqs.weight"] = (spec.head_dim // 2,)
+    return shapes
+
+
+def required_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The part of :func:`weight_shapes` that ``spec``'s checkpoint must hold: the LM head unless tied, the
+    biases its flags name, rope_freqs when the file stores them (Llama-3 GGUFs)."""
+    wanted = {"lm_head.weight": not spec.tie_word_embeddings,
+              "layers.{i}.q.bias": spec.qkv_bias, "layers.{i}.k.bias": spec.qkv_bias,
+              "layers.{i}.v.bias": spec.qkv_bias, "layers.{i}.o.bias": spec.o_bias,
+              "rope_freqs.weight": any(key == "rope_freqs" for key, _ in spec.extras)}
+    return {name: shape for name, shape in weight_shapes(spec).items()
+            if wanted.get(name, not name.endswith(".bias"))}

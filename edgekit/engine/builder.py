@@ -120,6 +120,35 @@ def build_engine(trt, plan: EnginePlan, onnx_path: str | os.PathLike, engine_pat
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    network = _parse(trt, builder, logger, plan, onnx_path)
+    config = _builder_config(trt, builder, plan)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    reused = _load_timing_cache(config, cache_path)
+
+    monitor = _monitor(trt, progress, cancel)
+    if monitor is not None:
+        config.progress_monitor = monitor
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        if cancel is not None and cancel.is_set():
+            raise BackendUnavailable("the engine build was cancelled")
+        raise GpuStepFailed(
+            f"TensorRT {trt.__version__} could not build the engine (its messages above say why): a build that "
+            f"runs out of memory needs a smaller workspace pool ({plan.workspace_pool_bytes // 2**20} MiB now) "
+            "or a shorter --context")
+    size = _atomic_write(engine_path, serialized)
+
+    if cache_path is not None:
+        final_cache = config.get_timing_cache()
+        if final_cache is not None:
+            _atomic_write(cache_path, final_cache.serialize())
+    return BuildOutcome(engine_path, size, str(trt.__version__), cache_path, reused,
+                        time.perf_counter() - started)
+
+
+def _parse(trt, builder, logger, plan: EnginePlan, onnx_path: Path):
+    """The network parsed from ``onnx_path``, after checking every dynamic input has a range in each profile."""
     flags = 0
     for name in plan.network_flags:
         flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
@@ -142,7 +171,11 @@ def build_engine(trt, plan: EnginePlan, onnx_path: str | os.PathLike, engine_pat
             raise BundleError(f"the graph's input {missing[0]} has dynamic shape {dynamic[missing[0]]} but the "
                               f"{profile.name} profile has no range for it: the manifest does not match "
                               f"{onnx_path.name}; rebuild the bundle")
+    return network
 
+
+def _builder_config(trt, builder, plan: EnginePlan):
+    """The builder config: workspace pool, builder flags and one optimization profile per plan profile."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan.workspace_pool_bytes))
     for name in plan.builder_flags:
@@ -154,8 +187,11 @@ def build_engine(trt, plan: EnginePlan, onnx_path: str | os.PathLike, engine_pat
         if config.add_optimization_profile(p) < 0:
             raise BackendUnavailable(f"TensorRT rejected the {profile.name} optimization profile "
                                      f"({profile.to_dict()['seq']} tokens): see the messages above")
+    return config
 
-    cache_path = Path(timing_cache) if timing_cache is not None else None
+
+def _load_timing_cache(config, cache_path: Path | None) -> bool:
+    """Give the config the cache file's timing cache (or an empty one); True when an existing cache was used."""
     reused = False
     cached = b""
     if cache_path is not None and cache_path.is_file():
@@ -166,27 +202,7 @@ def build_engine(trt, plan: EnginePlan, onnx_path: str | os.PathLike, engine_pat
     elif cached:
         # Made by another TensorRT version or GPU: start afresh rather than fail (it is only a speed-up).
         config.set_timing_cache(config.create_timing_cache(b""), False)
-
-    monitor = _monitor(trt, progress, cancel)
-    if monitor is not None:
-        config.progress_monitor = monitor
-
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        if cancel is not None and cancel.is_set():
-            raise BackendUnavailable("the engine build was cancelled")
-        raise GpuStepFailed(
-            f"TensorRT {trt.__version__} could not build the engine (its messages above say why): a build that "
-            f"runs out of memory needs a smaller workspace pool ({plan.workspace_pool_bytes // 2**20} MiB now) "
-            "or a shorter --context")
-    size = _atomic_write(engine_path, serialized)
-
-    if cache_path is not None:
-        final_cache = config.get_timing_cache()
-        if final_cache is not None:
-            _atomic_write(cache_path, final_cache.serialize())
-    return BuildOutcome(engine_path, size, str(trt.__version__), cache_path, reused,
-                        time.perf_counter() - started)
+    return reused
 
 
 # ----- a bundle -------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..architectures import weight_shapes
 from ..errors import BackendUnavailable
 from ..spec import ModelSpec
 
@@ -48,19 +49,15 @@ class RandomWeights:
         self.spec, self.seed = spec, seed
 
     def has(self, canonical: str, layer: int | None = None) -> bool:
-        from ..export.decoder import expected_shape
-
         if canonical == "rope_freqs.weight":
             return False
         if canonical.endswith(".bias"):
             part = canonical.split(".")[-2]
             return part in ("q", "k", "v") and self.spec.qkv_bias
-        return expected_shape(self.spec, canonical) is not None
+        return canonical in weight_shapes(self.spec)
 
     def tensor(self, canonical: str, layer: int | None = None) -> np.ndarray:
-        from ..export.decoder import expected_shape
-
-        shape = expected_shape(self.spec, canonical)
+        shape = weight_shapes(self.spec).get(canonical)
         key = sum(map(ord, canonical)) * 31 + (layer or 0)
         rng = np.random.default_rng(self.seed * 1_000_003 + key)
         if canonical.endswith("norm.weight"):
@@ -151,15 +148,24 @@ def run_selftest(*, probe=None, trt=None, cuda=None, workdir: str | Path | None 
         reference = OrtDecoder(str(folder / exported.model_file), dialect="tensorrt", spec=spec, capacity=CONTEXT,
                                kv_dtype="float32", backend="onnxruntime-cpu")
         try:
-            got, want = [], []
-            sequence = [np.asarray(PROMPT[:CHUNK]), np.asarray(PROMPT[CHUNK:])] + [np.asarray([t]) for t in DECODE]
-            for tokens in sequence:
-                tokens = tokens.astype(np.int64)
-                got.append(np.array(ours.step(tokens), dtype=np.float32))
-                want.append(np.array(reference.step(tokens), dtype=np.float32))
+            got, want = _run_both(ours, reference)
         finally:
             ours.close()
-    got_all, want_all = np.stack(got), np.stack(want)
+    return _verdict(got, want, device, outcome)
+
+
+def _run_both(ours, reference) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of both decoders over the same steps: the prompt as two prefill chunks, then decode steps."""
+    got, want = [], []
+    sequence = [np.asarray(PROMPT[:CHUNK]), np.asarray(PROMPT[CHUNK:])] + [np.asarray([t]) for t in DECODE]
+    for tokens in sequence:
+        tokens = tokens.astype(np.int64)
+        got.append(np.array(ours.step(tokens), dtype=np.float32))
+        want.append(np.array(reference.step(tokens), dtype=np.float32))
+    return np.stack(got), np.stack(want)
+
+
+def _verdict(got_all: np.ndarray, want_all: np.ndarray, device, outcome) -> SelftestResult:
     diff = float(np.max(np.abs(got_all - want_all)))
     tolerance = RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(want_all))))
     agree = bool(np.all(got_all.argmax(-1) == want_all.argmax(-1)))
@@ -168,5 +174,5 @@ def run_selftest(*, probe=None, trt=None, cuda=None, workdir: str | Path | None 
     detail = ("logits agree" if passed else "non-finite logits" if not finite else
               f"max |difference| {diff:.3g} above tolerance {tolerance:.3g}" if diff > tolerance else
               "the greedy token differs")
-    return SelftestResult(passed, diff, tolerance, agree, len(sequence), device.name, device.sm,
+    return SelftestResult(passed, diff, tolerance, agree, len(got_all), device.name, device.sm,
                           outcome.tensorrt_version, outcome.seconds, detail)

@@ -301,29 +301,14 @@ def _check_dequantize(graph, inits, folder: Path, float_type: int | None, report
 
 
 def _dequantize_problem(node, inits, folder: Path, float_type: int | None, report: CheckReport) -> str | None:
-    attrs = {a.name: a for a in node.attribute}
+    """What TensorRT refuses in one DequantizeLinear: its scale, its input and zero point, then its layout."""
     if len(node.input) < 2 or not node.input[1]:
         return "needs a scale input (QuantDequantLinearHelper: at least 2 inputs)"
-    x, scale = inits.get(node.input[0]), inits.get(node.input[1])
-    if scale is None:
-        return (f"scale {node.input[1]} is not an initializer: TensorRT needs build-time constant scales "
-                "(NvInfer.h IDequantizeLayer)")
-    if scale.data_type not in (FLOAT, FLOAT16):
-        return f"scale {scale.name} is {_type_name(scale.data_type)}; use FP32 or FP16"
-    if float_type is not None and scale.data_type != float_type:
-        return (f"scale {scale.name} is {_type_name(scale.data_type)} but the graph computes in "
-                f"{_type_name(float_type)}: in a strongly typed TensorRT network the output takes the scale's "
-                "type (NvInfer.h IDequantizeLayer)")
-    values = _values(scale, folder)
-    if values is None:
-        return f"scale {scale.name}'s data cannot be read from the model's folder"
-    if values.size == 0:
-        return f"scale {scale.name} has no coefficients (QuantDequantLinearHelper)"
-    bad_scales = ~(values.astype(np.float32) > 0)
-    if bad_scales.any():
-        return (f"scale {scale.name} has {int(bad_scales.sum())} of {values.size} coefficients <= 0 (smallest "
-                f"{float(np.nanmin(values)):.4g}): TensorRT requires every DequantizeLinear scale > 0 "
-                "(onnxOpImporters.cpp QuantDequantLinearHelper: \"Scale coefficients must all be positive\")")
+    scale = inits.get(node.input[1])
+    problem, values = _scale_problem(node, scale, folder, float_type)
+    if problem is not None:
+        return problem
+    x = inits.get(node.input[0])
     if x is None:
         if values.size != 1:
             return (f"input {node.input[0]} is not an initializer: per-channel and block dequantization are only "
@@ -331,6 +316,39 @@ def _dequantize_problem(node, inits, folder: Path, float_type: int | None, repor
         return None
     if x.data_type not in QUANTIZED:
         return f"input {x.name} is {_type_name(x.data_type)}; TensorRT dequantizes INT8, INT4 and FP8"
+    problem = _zero_point_problem(node, x, inits, folder)
+    if problem is not None:
+        return problem
+    kind = "int4" if x.data_type == INT4 else "int8" if x.data_type == INT8 else "fp8"
+    report.quantized[kind] = report.quantized.get(kind, 0) + 1
+    return _layout_problem(node, x, scale, values)
+
+
+def _scale_problem(node, scale, folder: Path, float_type: int | None) -> tuple[str | None, np.ndarray | None]:
+    """(problem, the scale's values): a build-time constant of the graph's float type, every coefficient > 0."""
+    if scale is None:
+        return (f"scale {node.input[1]} is not an initializer: TensorRT needs build-time constant scales "
+                "(NvInfer.h IDequantizeLayer)"), None
+    if scale.data_type not in (FLOAT, FLOAT16):
+        return f"scale {scale.name} is {_type_name(scale.data_type)}; use FP32 or FP16", None
+    if float_type is not None and scale.data_type != float_type:
+        return (f"scale {scale.name} is {_type_name(scale.data_type)} but the graph computes in "
+                f"{_type_name(float_type)}: in a strongly typed TensorRT network the output takes the scale's "
+                "type (NvInfer.h IDequantizeLayer)"), None
+    values = _values(scale, folder)
+    if values is None:
+        return f"scale {scale.name}'s data cannot be read from the model's folder", None
+    if values.size == 0:
+        return f"scale {scale.name} has no coefficients (QuantDequantLinearHelper)", None
+    bad_scales = ~(values.astype(np.float32) > 0)
+    if bad_scales.any():
+        return (f"scale {scale.name} has {int(bad_scales.sum())} of {values.size} coefficients <= 0 (smallest "
+                f"{float(np.nanmin(values)):.4g}): TensorRT requires every DequantizeLinear scale > 0 "
+                "(onnxOpImporters.cpp QuantDequantLinearHelper: \"Scale coefficients must all be positive\")"), None
+    return None, values
+
+
+def _zero_point_problem(node, x, inits, folder: Path) -> str | None:
     if len(node.input) > 2 and node.input[2]:
         zp = inits.get(node.input[2])
         if zp is None or zp.data_type != x.data_type:
@@ -340,9 +358,13 @@ def _dequantize_problem(node, inits, folder: Path, float_type: int | None, repor
         if zv is None or zv.any():
             return ("zero point is not all zeros: TensorRT only supports symmetric quantization "
                     "(QuantDequantLinearHelper)")
+    return None
+
+
+def _layout_problem(node, x, scale, values: np.ndarray) -> str | None:
+    """INT4 packing, the axis, and per-channel or block scales whose shape TensorRT can infer the block from."""
+    attrs = {a.name: a for a in node.attribute}
     dims, sdims = list(x.dims), list(scale.dims)
-    kind = "int4" if x.data_type == INT4 else "int8" if x.data_type == INT8 else "fp8"
-    report.quantized[kind] = report.quantized.get(kind, 0) + 1
     if x.data_type == INT4 and dims and dims[-1] % 2:
         return (f"INT4 input {x.name} has an odd last dimension {dims[-1]} (QuantDequantLinearHelper: INT4 "
                 "packing needs it even)")

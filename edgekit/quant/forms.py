@@ -45,7 +45,8 @@ def form_bytes(form: Form, n: int, k: int, float_bytes: int) -> int:
 
 
 class FormPolicy:
-    """The decisions of a quantizing codec (see :class:`edgekit.quant.codec.QuantCodec` for the options)."""
+    """The decisions of a quantizing codec (see :class:`edgekit.quant.codec.QuantCodec` for the options); one
+    subclass per dialect (:data:`FORM_POLICIES`), shared by the planner and that dialect's codec."""
 
     dialect: str
     bits: int
@@ -54,27 +55,29 @@ class FormPolicy:
     lossless: bool
     exact: bool
 
-    @classmethod
-    def of(cls, dialect: str, precision: str, *, block_size: int = 32, head_bits: int = 8, lossless: bool = True,
+    @staticmethod
+    def of(dialect: str, precision: str, *, block_size: int = 32, head_bits: int = 8, lossless: bool = True,
            exact: bool = True) -> FormPolicy:
-        policy = cls()
-        policy.dialect, policy.bits, policy.block_size = dialect, 4 if precision == "int4" else 8, block_size
+        policy = FORM_POLICIES[dialect]()
+        policy.bits, policy.block_size = 4 if precision == "int4" else 8, block_size
         policy.head_bits, policy.lossless, policy.exact = head_bits, lossless, exact
         return policy
-
-    # ----- decisions (no data): shared with the planner -----------------------------------------------
-    def _carries(self, qtype: str | None) -> bool:
-        return self.lossless and qtype in LOSSLESS
 
     def form_of(self, role: str, qtype: str | None, k: int, *, tied: bool = False) -> Form:
         """The form of one weight: ``role`` "linear", "embedding" or "lm_head"; ``qtype`` its GGUF type (None
         for float checkpoints or a reader without raw blocks)."""
-        if self.dialect == "tensorrt":
-            if role == "linear" or (role == "lm_head" and self.head_bits == 4):
-                if self.bits == 4:
-                    return Form("int4", 4, self.block_size, "Q4_0" if self._trt_carries(qtype) else None)
-                return Form("int8", 8)
-            return Form("rows8", 8)
+        raise NotImplementedError
+
+
+class OrtForms(FormPolicy):
+    """MatMulNBits blocks: a GGUF type's own codes where they are exact, else round-to-nearest."""
+
+    dialect = "ort"
+
+    def _carries(self, qtype: str | None) -> bool:
+        return self.lossless and qtype in LOSSLESS
+
+    def form_of(self, role: str, qtype: str | None, k: int, *, tied: bool = False) -> Form:
         if role == "linear":
             if self._carries(qtype):
                 bits = LOSSLESS[qtype][0]
@@ -96,5 +99,21 @@ class FormPolicy:
             return Form("carry", *LOSSLESS[qtype], qtype=qtype)
         return Form("rows8", 8)
 
+
+class TensorRTForms(FormPolicy):
+    """DequantizeLinear: INT4 blocks (Q4_0 carried when its blocks allow) or INT8, tables INT8 per row."""
+
+    dialect = "tensorrt"
+
+    def form_of(self, role: str, qtype: str | None, k: int, *, tied: bool = False) -> Form:
+        if role == "linear" or (role == "lm_head" and self.head_bits == 4):
+            if self.bits == 4:
+                return Form("int4", 4, self.block_size, "Q4_0" if self._trt_carries(qtype) else None)
+            return Form("int8", 8)
+        return Form("rows8", 8)
+
     def _trt_carries(self, qtype: str | None) -> bool:
         return self.lossless and qtype == "Q4_0" and self.block_size == 32
+
+
+FORM_POLICIES: dict[str, type[FormPolicy]] = {p.dialect: p for p in (OrtForms, TensorRTForms)}

@@ -1,10 +1,10 @@
 """The bytes a build writes, counted without reading a weight: the planner's single source for what
 ``edgekit build`` can write (fp32, fp16, int8, int4).
 
-Every weight's form is decided by :meth:`QuantCodec.form_of` from its source type (a GGUF's real tensor-type
-mix, read from the header into ``spec.extras["tensor_types"]``) and shape, and counted by
-:func:`~edgekit.quant.codec.form_bytes` — the same two functions the writer uses, which checks what it writes
-against them. Norms, biases and the rotary tables are stored in the graph's float type.
+Every weight's form is decided by the dialect's :meth:`~edgekit.quant.forms.FormPolicy.form_of` from its source
+type (a GGUF's real tensor-type mix, read from the header into ``spec.extras["tensor_types"]``) and shape, and
+counted by :func:`~edgekit.quant.forms.form_bytes` — the same two functions the writer uses, which checks what
+it writes against them. Norms, biases and the rotary tables are stored in the graph's float type.
 """
 
 from __future__ import annotations
@@ -43,58 +43,30 @@ def build_weight_bytes(spec: ModelSpec, *, dialect: str, precision: str, graph_f
                        quant: QuantSettings | None = None):
     """:class:`edgekit.build.precision.WeightBytes` of the bundle ``edgekit build`` writes for these settings."""
     from ..build.precision import WeightBytes
-    from .forms import FormPolicy, form_bytes
 
     quant = quant or QuantSettings()
-    fb = 4 if graph_float == "fp32" else 2
-    types = tensor_types(spec)
-
-    def qtype(canonical: str, layer: int | None = None) -> str | None:
-        return types.get(layer_name(GGUF_WEIGHT_NAMES, canonical, layer)) if types else None
-
+    sized = _Sizer(dialect, precision, graph_float, quant, tensor_types(spec))
     h, vocab, layers = spec.hidden_size, spec.vocab_size, spec.num_layers
-    kinds: Counter = Counter()
-    if precision in ("int4", "int8"):
-        codec = FormPolicy.of(dialect, precision, block_size=quant.block_size, head_bits=quant.head_bits,
-                              lossless=quant.lossless, exact=quant.exact)
-
-        def sized(role: str, canonical: str, layer: int | None, n: int, k: int, tied: bool = False) -> tuple[int, int]:
-            form = codec.form_of(role, qtype(canonical, layer), k, tied=tied)
-            kinds[_describe(form, qtype(canonical, layer))] += 1
-            return form_bytes(form, n, k, fb), _codes_bytes(form, n, k)
-    else:
-        def sized(role: str, canonical: str, layer: int | None, n: int, k: int, tied: bool = False) -> tuple[int, int]:
-            kinds[f"{graph_float} dense"] += 1
-            return n * k * fb, n * k * fb
-
-    linears, largest = 0, ("", 0)
-    for i in range(layers):
-        for packed, parts in PACKED.items():
-            for part in parts:
-                n, k = spec.linear_shapes[part]
-                total, codes = sized("linear", f"layers.{{i}}.{part}.weight", i, n, k)
-                linears += total
-                if codes > largest[1]:
-                    largest = (f"{packed} weight of one layer", codes)
+    linears, largest = _linear_bytes(spec, sized)
     tied = spec.tie_word_embeddings
     embedding, embed_codes = sized("embedding", "embed.weight", None, vocab, h, tied=tied)
     lm_head, head_codes = 0, 0
     if not tied:
         lm_head, head_codes = sized("lm_head", "lm_head.weight", None, vocab, h)
-    elif precision in ("int4", "int8") and quant.head_bits == 4:
+    elif sized.policy is not None and quant.head_bits == 4:
         lm_head, head_codes = sized("lm_head", "embed.weight", None, vocab, h)
     bias = (spec.q_size + 2 * spec.kv_size if spec.qkv_bias else 0) + (h if spec.o_bias else 0)
     norms = (2 * layers + 1) * h
     rope = 2 * context * (spec.head_dim // 2)
-    small = (layers * bias + norms + rope) * fb
+    small = (layers * bias + norms + rope) * sized.float_bytes
     # The LM head first: on a tie it is the one named (it is the allocation seen failing on Jetson).
     largest = max(([("lm_head", head_codes)] if head_codes else []) + [("embedding", embed_codes), largest],
                   key=lambda c: c[1])
-    if dialect == "ort" and precision in ("int4", "int8") and graph_float == "fp32":
-        repack = _cpu_repack_bytes(spec, codec, qtype, quant.accuracy_level)
+    if dialect == "ort" and sized.policy is not None and graph_float == "fp32":
+        repack = _cpu_repack_bytes(spec, sized.policy, sized.qtype, quant.accuracy_level)
     else:
         repack = 0
-    forms = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    forms = ", ".join(f"{count} {kind}" for kind, count in sized.kinds.most_common())
     sources = {
         "linears": f"{layers} layers x {len(spec.linear_shapes)} linears; tensors: {forms}",
         "embedding": f"{vocab} x {h}",
@@ -102,6 +74,49 @@ def build_weight_bytes(spec: ModelSpec, *, dialect: str, precision: str, graph_f
         "small": f"norms, biases and rotary tables ({context} positions) in {graph_float}",
     }
     return WeightBytes(linears, embedding, lm_head, small, sources, largest, repack)
+
+
+class _Sizer:
+    """(bytes, codes bytes) of one weight in the form the build gives it, counting the forms for the report."""
+
+    def __init__(self, dialect: str, precision: str, graph_float: str, quant: QuantSettings, types: dict[str, str]):
+        from .forms import FormPolicy
+
+        self.graph_float, self.types = graph_float, types
+        self.float_bytes = 4 if graph_float == "fp32" else 2
+        self.kinds: Counter = Counter()
+        self.policy = None
+        if precision in ("int4", "int8"):
+            self.policy = FormPolicy.of(dialect, precision, block_size=quant.block_size, head_bits=quant.head_bits,
+                                        lossless=quant.lossless, exact=quant.exact)
+
+    def qtype(self, canonical: str, layer: int | None = None) -> str | None:
+        return self.types.get(layer_name(GGUF_WEIGHT_NAMES, canonical, layer)) if self.types else None
+
+    def __call__(self, role: str, canonical: str, layer: int | None, n: int, k: int,
+                 tied: bool = False) -> tuple[int, int]:
+        if self.policy is None:
+            self.kinds[f"{self.graph_float} dense"] += 1
+            return n * k * self.float_bytes, n * k * self.float_bytes
+        from .forms import form_bytes
+
+        form = self.policy.form_of(role, self.qtype(canonical, layer), k, tied=tied)
+        self.kinds[_describe(form, self.qtype(canonical, layer))] += 1
+        return form_bytes(form, n, k, self.float_bytes), _codes_bytes(form, n, k)
+
+
+def _linear_bytes(spec: ModelSpec, sized: _Sizer) -> tuple[int, tuple[str, int]]:
+    """Bytes of every layer's linears, and the largest packed weight's codes (what one allocation holds)."""
+    linears, largest = 0, ("", 0)
+    for i in range(spec.num_layers):
+        for packed, parts in PACKED.items():
+            for part in parts:
+                n, k = spec.linear_shapes[part]
+                total, codes = sized("linear", f"layers.{{i}}.{part}.weight", i, n, k)
+                linears += total
+                if codes > largest[1]:
+                    largest = (f"{packed} weight of one layer", codes)
+    return linears, largest
 
 
 # onnxruntime's CPU MatMulNBits repacks its weight when the session starts; with int8 compute (accuracy level 4)
