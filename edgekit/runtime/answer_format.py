@@ -79,3 +79,20 @@ class AnswerFormat:
 def json_answer(schema: Mapping[str, Any] | None = None, *, name: str = "response_format") -> AnswerFormat:
     """An answer that is exactly one JSON value (valid against ``schema``; any JSON object when None)."""
     return AnswerFormat(Json(schema), name=name)
+
+
+def json_type(value: Any) -> str:
+    """The JSON type name of a value, for messages ("got a string"); a non-JSON Python object gives its class name."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__

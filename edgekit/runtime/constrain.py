@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError, FormatUnavailable, GenerationError
-from .answer_format import AnswerFormat, Choice, Json, Literal, Part, Repeat, Seq, Text
+from .answer_format import AnswerFormat, Choice, Json, Literal, Part, Repeat, Seq, Text, json_type
 from .reasoning import CLOSE, OPEN
 
 INSTALL = "pip install 'edgekit[structured]'"
@@ -112,7 +112,7 @@ class _Lowering:
         if schema is None:
             schema = {"type": "object"}   # OpenAI's json_object: any JSON object
         if not isinstance(schema, Mapping):
-            raise self.bad(f"a JSON schema must be an object, got {_json_type(schema)}")
+            raise self.bad(f"a JSON schema must be an object, got {json_type(schema)}")
         schema = dict(schema)
         own = schema.get("x-guidance")
         schema["x-guidance"] = {**JSON_OPTIONS, **(own if isinstance(own, Mapping) else {})}
@@ -163,20 +163,6 @@ class _Lowering:
 
 def _quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, tuple)):
-        return "array"
-    return type(value).__name__
 
 
 def lark(fmt: AnswerFormat, specials: Mapping[str, int] | None = None, *, after_thought: bool = False) -> str:

@@ -10,6 +10,7 @@ import json
 import math
 from typing import Any
 
+from ..runtime.answer_format import json_type
 from .api_errors import ApiError, bad
 
 MAX_STOP = 16                 # OpenAI allows 4; a few more costs nothing here
@@ -46,20 +47,6 @@ def parse_json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise bad(f"the body must be a JSON object, got a JSON {json_type(obj)}", code="invalid_json")
     return obj
-
-
-def json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
 
 
 def utf8_text(value: str, param: str) -> str:
