@@ -24,9 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from edgekit.runtime.dtypes import DTYPE_BYTES  # absolute: this module moves to edgekit/build/
-
 from ..errors import UnsupportedPrecision
+from ..runtime.dtypes import DTYPE_BYTES
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec

@@ -10,14 +10,12 @@ the capability table and finding a target by name; :mod:`edgekit.build.target_fi
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..errors import UnknownTarget, UnsupportedPrecision, UserInputError
-from ..units import GiB
 from .precision import PRECISIONS, PRECISIONS_SMALL_FIRST
 
 # Backend name -> where it computes. onnxruntime-cpu on a Jetson still uses the same (unified) memory.
@@ -260,18 +258,3 @@ def parse_sm(text: Any) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
         return None
     return int(parts[0]), int(parts[1])
-
-
-def _host_memory() -> tuple[int, str]:
-    """Physical memory of this machine, lowered to the container's cgroup limit when there is one."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        source = "physical memory of this machine (sysconf)"
-    except (ValueError, OSError, AttributeError):
-        return 16 * GiB, "this machine's memory could not be read; assumed 16 GiB"
-    from edgekit.runtime.memory import cgroup_limit  # absolute: this module moves to edgekit/build/
-
-    limit = cgroup_limit()
-    if limit is not None and 0 < limit < total:
-        total, source = limit, "memory limit of this container (cgroup memory.max)"
-    return total, source

@@ -7,10 +7,12 @@ which shows every field. :func:`edgekit.build.target.load_target` finds the file
 
 from __future__ import annotations
 
+import os
 from typing import Any, NoReturn
 
 from ..errors import UserInputError
-from ..units import parse_size
+from ..runtime.memory import cgroup_limit
+from ..units import GiB, parse_size
 from .target import (
     BACKEND_PRECISIONS,
     BACKENDS,
@@ -18,7 +20,6 @@ from .target import (
     KINDS,
     Backend,
     Target,
-    _host_memory,
     _rule_allows,
     parse_sm,
 )
@@ -185,3 +186,16 @@ def _check_hardware(f: _Fields, target: Target) -> None:
             rule = HARDWARE_RULES.get(p)
             if rule and not _rule_allows(rule, target, b.name):
                 f.fail(f"backends.{b.name} lists {p} but {rule.reason}")
+
+
+def _host_memory() -> tuple[int, str]:
+    """Physical memory of this machine, lowered to the container's cgroup limit when there is one."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        source = "physical memory of this machine (sysconf)"
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB, "this machine's memory could not be read; assumed 16 GiB"
+    limit = cgroup_limit()
+    if limit is not None and 0 < limit < total:
+        total, source = limit, "memory limit of this container (cgroup memory.max)"
+    return total, source
