@@ -80,5 +80,44 @@ def copy_bundle(tmp_path):
 def pytest_collection_modifyitems(items):
     # "slow" (pyproject.toml): whatever builds or loads the real SmolLM2 bundle; -m "not slow" leaves it out
     for item in items:
-        if "smollm2_bundle" in getattr(item, "fixturenames", ()):
+        if {"smollm2_bundle", "smollm2_ggml_bundle", "smollm2_any"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def ggml_available() -> bool:
+    """Whether llama.cpp's binding (the ggml-cpu backend, pyproject extra "ggml") is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def require_ggml() -> None:
+    """Skip without the binding on a developer's machine; in CI (which installs it) its absence fails."""
+    import os
+
+    if ggml_available():
+        return
+    if os.environ.get("CI"):
+        pytest.fail("llama-cpp-python is not installed in CI: .ci/run installs the 'ggml' extra")
+    pytest.skip("the ggml-cpu backend needs llama-cpp-python: pip install -e '.[ggml]'")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ggml_bundle(smollm2_gguf, tmp_path_factory) -> Path:
+    """ggml-cpu bundle of the real SmolLM2-135M: the packaged Q4_1 GGUF as stored, context 1024."""
+    return _build(smollm2_gguf, tmp_path_factory.mktemp("bundles") / "smollm2-ggml", context=1024)
+
+
+@pytest.fixture(scope="session", params=["onnxruntime-cpu", "ggml-cpu"])
+def smollm2_any(request, smollm2_gguf, tmp_path_factory):
+    """A loaded SmolLM2 Model on each CPU backend (the shared behavioural tests run once per backend)."""
+    from edgekit.runtime.model import load
+
+    if request.param == "ggml-cpu":
+        require_ggml()
+        bundle = request.getfixturevalue("smollm2_ggml_bundle")
+    else:
+        bundle = request.getfixturevalue("smollm2_bundle")
+    model = load(bundle, threads=2)
+    yield model
+    model.close()

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserInputError
-from ..quant.sizes import DIALECT_OF_BACKEND
+from ..quant.sizes import DIALECT_OF_BACKEND, gguf_precision, gguf_weight_bytes
+from ..runtime.ggml_backend import ggml_compute_bytes
 from ..spec import ModelSpec
 from ..units import fmt_bytes
 from .precision import DTYPE_BYTES, PRECISIONS, compute_dtype, weight_bytes
@@ -128,12 +129,13 @@ def plan(spec: ModelSpec, target: Target, *, precision: str, context: int, backe
                    Line("budget", target.budget_bytes, target.budget_source))
 
     dialect = DIALECT_OF_BACKEND.get(chosen.name)
-    weights = weight_bytes(spec, precision, device, dialect=dialect, context=context, quant=quant)
+    _check_ggml(spec, dialect, precision)
+    weights = _weights(spec, precision, device, dialect, context, quant)
     act = compute_dtype(precision, device)
     kv_dtype = _kv_dtype(act, quant, dialect)
     kv_per_token = spec.kv_bytes_per_token(kv_dtype)
     chunk = min(target.prefill_chunk, context)
-    work = _workspace(spec, act, chunk, context)
+    work = _workspace(spec, act, chunk, context, dialect)
     repack = (f" + {fmt_bytes(weights.repacked)} of MatMulNBits weights repacked for int8 compute (the packed "
               "form is bigger than the file; measured)" if weights.repacked else "")
     overhead = Line("runtime overhead", chosen.overhead_bytes + weights.repacked,
@@ -185,11 +187,33 @@ def _check_request(spec: ModelSpec, context, budget: int | None) -> None:
 
 def _total(spec: ModelSpec, target: Target, b, p: str, ctx: int, quant) -> int:
     """Total bytes of ``spec`` at precision ``p`` and context ``ctx`` on backend ``b`` of ``target``."""
-    w = weight_bytes(spec, p, b.device, dialect=DIALECT_OF_BACKEND.get(b.name), context=ctx, quant=quant)
+    dialect = DIALECT_OF_BACKEND.get(b.name)
+    if dialect == "gguf" and (p != gguf_precision(spec) or "tensor_bytes" not in dict(spec.extras)):
+        return 1 << 62     # ggml-cpu runs a GGUF at its own precision only: never a fitting alternative
+    w = _weights(spec, p, b.device, dialect, ctx, quant)
     a = compute_dtype(p, b.device)
-    ws = sum(x.bytes for x in _workspace(spec, a, min(target.prefill_chunk, ctx), ctx))
-    kv_b = spec.kv_bytes_per_token(_kv_dtype(a, quant, DIALECT_OF_BACKEND.get(b.name)))
+    ws = sum(x.bytes for x in _workspace(spec, a, min(target.prefill_chunk, ctx), ctx, dialect))
+    kv_b = spec.kv_bytes_per_token(_kv_dtype(a, quant, dialect))
     return w.total + kv_b * ctx + ws + b.overhead_bytes + w.repacked
+
+
+def _weights(spec: ModelSpec, p: str, device: str, dialect: str | None, ctx: int, quant):
+    if dialect == "gguf":      # the file as stored, whatever the options
+        return gguf_weight_bytes(spec)
+    return weight_bytes(spec, p, device, dialect=dialect, context=ctx, quant=quant)
+
+
+def _check_ggml(spec: ModelSpec, dialect: str | None, precision: str) -> None:
+    """ggml-cpu runs a GGUF's blocks as stored: a GGUF source, at the file's own precision."""
+    if dialect != "gguf":
+        return
+    own = gguf_precision(spec) if "tensor_bytes" in dict(spec.extras) else None
+    if own is None:
+        gguf_weight_bytes(spec)    # raises: not a GGUF
+    if precision != own:
+        raise UserInputError(f"the ggml-cpu backend runs this GGUF's blocks as stored ({own}), not {precision}: "
+                             f"omit --precision (or use --precision {own}), or use --backend onnxruntime-cpu "
+                             "to re-quantize")
 
 
 def _what_fits(target: Target, chosen, precision: str, context: int,
@@ -229,16 +253,27 @@ def _warnings(spec: ModelSpec, target: Target, precision: str, largest: Line, fi
 
 
 def _kv_dtype(act: str, quant, dialect: str | None) -> str:
-    """The KV cache's element type: the compute type, or int8 (``--kv-cache int8``, onnxruntime graphs only)."""
+    """The KV cache's element type: the compute type, or int8 (``--kv-cache int8``, onnxruntime graphs only);
+    llama.cpp's cache is f16 (its default; runtime/ggml_backend.py)."""
+    if dialect == "gguf":
+        return "fp16"
     return "int8" if getattr(quant, "kv_cache", "float") == "int8" and dialect == "ort" else act
 
 
-def _workspace(spec: ModelSpec, act: str, chunk: int, context: int) -> tuple[Line, ...]:
+def _workspace(spec: ModelSpec, act: str, chunk: int, context: int, dialect: str | None = None) -> tuple[Line, ...]:
     """Buffers of one prefill step of ``chunk`` tokens against ``context`` positions.
+
+    llama.cpp (``gguf``): its one compute buffer, measured (runtime/ggml_backend.py), and the last row's logits.
 
     An upper bound: the buffers of one layer are counted as if all were live at once (the runtime reuses
     them layer after layer, so only one layer's worth exists).
     """
+    if dialect == "gguf":
+        return (Line("compute buffer", ggml_compute_bytes(spec, chunk),
+                     f"llama.cpp: ubatch {chunk} x (vocab {spec.vocab_size} + 2 x hidden {spec.hidden_size}) x fp32 "
+                     "(measured; flash attention: no score matrix)"),
+                Line("logits", int(spec.vocab_size * DTYPE_BYTES[LOGITS_DTYPE]),
+                     f"output buffer, one row: {spec.vocab_size} x fp32"))
     a = DTYPE_BYTES[act]
     h, i = spec.hidden_size, spec.intermediate_size
     hidden_width = 2 * h + 2 * spec.q_size + 2 * spec.kv_size     # residual, normed, q, k, v, attention out
@@ -282,3 +317,18 @@ def _max_context(fits_at, cap: int) -> int:
         else:
             hi = mid
     return lo
+
+
+def choose_backend(target: Target, backend: str | None, spec: ModelSpec, precision: str | None = None) -> str | None:
+    """The backend to plan and build with: the caller's, or for a GGUF on a target with ``ggml-cpu`` that one
+    (the file's blocks run as stored on llama.cpp's kernels) unless ``precision`` asks for another precision than
+    the file's, which only a re-encoding backend can give; ``None`` leaves the target's default."""
+    if backend is None and "tensor_bytes" in dict(spec.extras) and "ggml-cpu" in target.backend_names \
+            and precision in (None, gguf_precision(spec)):
+        return "ggml-cpu"
+    return backend
+
+
+def own_precision(backend: str | None, spec: ModelSpec) -> str | None:
+    """The one precision ``ggml-cpu`` runs a GGUF at (its own); None for other backends."""
+    return gguf_precision(spec) if backend == "ggml-cpu" and "tensor_bytes" in dict(spec.extras) else None

@@ -26,7 +26,7 @@ from ..quant.sizes import BUILDABLE, DIALECT_OF_BACKEND
 from ..runtime.bundle import SCHEMA, write_manifest
 from ..sources import ModelSource, open_weights, resolve
 from ..units import fmt_bytes
-from .memory_plan import Plan, plan
+from .memory_plan import Plan, choose_backend, own_precision, plan
 from .staging import staged_output
 from .target import Target
 
@@ -102,7 +102,7 @@ class BuildPlan:
     source: ModelSource
     plan: Plan
     precision: str
-    options: GraphOptions
+    options: GraphOptions | None     # None: a ggml-cpu bundle, no graph (build/gguf_bundle.py)
     quant: QuantOptions
 
 
@@ -112,7 +112,8 @@ def preflight(model: str | Path | ModelSource, target: Target, *, precision: str
     """Every check that can fail before heavy work: model, plan, precision, fit, block size."""
     source = model if isinstance(model, ModelSource) else resolve(model)
     spec = source.spec
-    precision = precision or default_precision(target, backend)
+    backend = choose_backend(target, backend, spec, precision)
+    precision = precision or own_precision(backend, spec) or default_precision(target, backend)
     context = min(context, spec.max_position_embeddings)
     quant = quant or QuantOptions()
     the_plan = plan(spec, target, precision=precision, context=context, backend=backend, quant=quant.settings())
@@ -129,6 +130,11 @@ def preflight(model: str | Path | ModelSource, target: Target, *, precision: str
             f"{fmt_bytes(the_plan.total_bytes)} but {target.name} has a budget of {fmt_bytes(the_plan.budget_bytes)}: "
             f"{hint}, or pass --force to build anyway (edgekit plan shows the breakdown)")
     dialect = DIALECT_OF_BACKEND[the_plan.backend]
+    if dialect == "gguf":
+        from .gguf_bundle import check_runnable
+
+        check_runnable(spec, {"kv_cache": quant.kv_cache, "logits": logits})
+        return BuildPlan(source, the_plan, precision, None, quant)
     if precision == "int4" and dialect == "tensorrt":
         sizes = (spec.hidden_size, spec.intermediate_size, spec.q_size)
         uneven = sorted({k for k in sizes if k % quant.block_size})
@@ -167,6 +173,11 @@ def build(model: str | Path | ModelSource | BuildPlan, target: Target, *, output
 
     output = Path(output)
     reader = open_weights(source)
+    if options is None:
+        try:
+            return _build_gguf(reader, source, target, the_plan, output, force, progress)
+        finally:
+            reader.close()
     try:
         key = _cache_key(reader, options, precision, quant) if cache_dir is not None else None
         with staged_output(output, force=force) as tmp:
@@ -297,6 +308,23 @@ def _awq_reader(reader, spec, precision: str, quant: QuantOptions, progress: Pro
     return ScaledReader(reader, scales), scales
 
 
+def _build_gguf(reader, source: ModelSource, target: Target, the_plan: Plan, output: Path, force: bool,
+                progress: Progress | None) -> BuildResult:
+    """A ggml-cpu bundle: the GGUF as stored, its tokenizer and template, the manifest (build/gguf_bundle.py)."""
+    from .gguf_bundle import carry_gguf, gguf_graph_section
+
+    spec = source.spec
+    with staged_output(output, force=force, expected_bytes=Path(source.path).stat().st_size) as tmp:
+        weights = carry_gguf(source, tmp, progress)
+        special, template = _write_tokenizer(reader, tmp, progress)
+        manifest = _manifest(source, reader.fingerprint(), spec, target, the_plan, None, None, special, template,
+                             weights_bytes=weights, graph=gguf_graph_section(spec))
+        manifest = write_manifest(tmp, manifest)
+        if progress:
+            progress("manifest", 1, 1)
+    return BuildResult(output, the_plan, manifest)
+
+
 def _quant_section(codec, quant: QuantOptions, awq=None) -> dict:
     method = "awq" if awq is not None else ("lossless+rtn" if codec.stats.lossless else "rtn")
     extra = awq.summary() if awq is not None else {}
@@ -310,9 +338,14 @@ def _is_r1(spec, template: str | None) -> bool:
     return "<think>" in (template or "") or "r1" in (spec.name or "").lower()
 
 
-def _manifest(source: ModelSource, fingerprint: str, spec, target: Target, the_plan: Plan, options: GraphOptions,
-              exported, special: dict, template: str | None) -> dict:
+def _manifest(source: ModelSource, fingerprint: str, spec, target: Target, the_plan: Plan,
+              options: GraphOptions | None, exported, special: dict, template: str | None, *,
+              weights_bytes: int | None = None, graph: dict | None = None) -> dict:
+    """The manifest of an ONNX bundle (``options``, ``exported``) or of a ggml-cpu one (``graph``,
+    ``weights_bytes``)."""
     kv_per_token = the_plan.kv_bytes_per_token
+    context = options.max_context if options is not None else the_plan.context
+    weights = exported.weights_bytes if exported is not None else weights_bytes
     generation = dict(R1_GENERATION if _is_r1(spec, template) else DEFAULT_GENERATION)
     return {
         "schema": SCHEMA,
@@ -322,22 +355,16 @@ def _manifest(source: ModelSource, fingerprint: str, spec, target: Target, the_p
         "model": spec.to_dict(),
         "target": {"name": target.name, "kind": target.kind, "compute_capability": target.sm},
         "backend": the_plan.backend,
-        "dialect": options.dialect,
+        "dialect": options.dialect if options is not None else "gguf",
         "precision": the_plan.precision,
-        "max_context": options.max_context,
-        "graph": {"file": exported.model_file, "data": exported.data_file, "inputs": exported.inputs,
-                  "outputs": exported.outputs, "logits": options.logits,
-                  "kv_dtype": "float32" if options.precision == "fp32" else "float16",
-                  "kv_cache": ({"layout": "(batch, kv_heads, capacity, head_dim)", "update": "in-place (GQA)"}
-                               if options.dialect == "ort" else
-                               {"layout": "(batch, capacity, kv_heads, head_dim)",
-                                "update": "runtime copies new_key/new_value rows"})},
-        "memory": {"weights_bytes": exported.weights_bytes, "kv_bytes_per_token": kv_per_token,
-                   "kv_cache_bytes": kv_per_token * options.max_context,
+        "max_context": context,
+        "graph": graph if graph is not None else _onnx_graph_section(options, exported),
+        "memory": {"weights_bytes": weights, "kv_bytes_per_token": kv_per_token,
+                   "kv_cache_bytes": kv_per_token * context,
                    "workspace_bytes": the_plan.workspace_bytes, "overhead_bytes": the_plan.overhead_bytes,
                    "prefill_chunk": the_plan.prefill_chunk,
-                   "total_bytes": exported.weights_bytes + kv_per_token * options.max_context
-                   + the_plan.workspace_bytes + the_plan.overhead_bytes},
+                   "total_bytes": weights + kv_per_token * context + the_plan.workspace_bytes
+                   + the_plan.overhead_bytes},
         "tokenizer": {"file": "tokenizer.json", "chat_template": "chat_template.jinja" if template else None,
                       "bos_token": special.get("bos_token"), "eos_token": special.get("eos_token"),
                       "bos_token_id": special.get("bos_token_id"),
@@ -346,3 +373,13 @@ def _manifest(source: ModelSource, fingerprint: str, spec, target: Target, the_p
         "generation": generation,
         "engine": None,
     }
+
+
+def _onnx_graph_section(options: GraphOptions, exported) -> dict:
+    return {"file": exported.model_file, "data": exported.data_file, "inputs": exported.inputs,
+            "outputs": exported.outputs, "logits": options.logits,
+            "kv_dtype": "float32" if options.precision == "fp32" else "float16",
+            "kv_cache": ({"layout": "(batch, kv_heads, capacity, head_dim)", "update": "in-place (GQA)"}
+                         if options.dialect == "ort" else
+                         {"layout": "(batch, capacity, kv_heads, head_dim)",
+                          "update": "runtime copies new_key/new_value rows"})}

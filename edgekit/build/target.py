@@ -19,7 +19,7 @@ from ..errors import UnknownTarget, UnsupportedPrecision, UserInputError
 from .precision import PRECISIONS, PRECISIONS_SMALL_FIRST
 
 # Backend name -> where it computes. onnxruntime-cpu on a Jetson still uses the same (unified) memory.
-BACKENDS: dict[str, str] = {"tensorrt": "gpu", "onnxruntime-cuda": "gpu", "onnxruntime-cpu": "cpu"}
+BACKENDS: dict[str, str] = {"tensorrt": "gpu", "onnxruntime-cuda": "gpu", "onnxruntime-cpu": "cpu", "ggml-cpu": "cpu"}
 KINDS = ("jetson", "desktop-gpu", "cpu")
 
 # What each backend can run at all, whatever the device; the TOML files list a subset.
@@ -28,6 +28,8 @@ BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
     "onnxruntime-cuda": ("fp32", "fp16", "bf16", "int8", "int4"),
     # onnxruntime's CPU kernels compute in fp32; int8/int4 are weight-only MatMuls that dequantize to fp32.
     "onnxruntime-cpu": ("fp32", "int8", "int4"),
+    # llama.cpp's CPU kernels run a GGUF's blocks as stored: the precision is the file's (ggml_precision).
+    "ggml-cpu": ("fp32", "fp16", "int8", "int4"),
 }
 
 

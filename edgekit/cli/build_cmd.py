@@ -23,8 +23,8 @@ def _default_cache() -> Path:
               help="int4, int8, fp16 or fp32 [default: int4].")
 @click.option("--context", "-c", "context_text", default="4096", show_default=True, metavar="N",
               help="Maximum context (the static KV cache size), e.g. 4096 or 8k.")
-@click.option("--backend", "-b", default=None, metavar="B", help="tensorrt, onnxruntime-cuda or onnxruntime-cpu "
-              "[default: the target's].")
+@click.option("--backend", "-b", default=None, metavar="B", help="tensorrt, onnxruntime-cuda, onnxruntime-cpu or "
+              "ggml-cpu [default: the target's; ggml-cpu for a GGUF on the cpu target].")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Bundle folder to write [default: ./<model>-<target>-<precision>].")
 @click.option("--force", is_flag=True, help="Replace an existing output; build even when the plan does not fit.")
@@ -84,7 +84,7 @@ def build_cmd(model: str, target_name: str, precision: str | None, context_text:
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists: pass --force to replace it, or choose another -o")
     click.echo(f"building {source.spec.name or source.display} ({source.spec.parameters:,} parameters) for "
-               f"{target.name} at {bp.precision}, context {bp.options.max_context} -> {output}", err=True)
+               f"{target.name} at {bp.precision}, context {bp.plan.context} -> {output}", err=True)
     with StageProgress() as progress:
         result = build(bp, target, output=output, force=force, progress=progress,
                        cache_dir=None if no_cache else (cache_dir or _default_cache()), eval_tokens=eval_tokens)

@@ -33,13 +33,15 @@ def targets_cmd(as_json: bool) -> None:
 @click.argument("model")
 @click.option("--target", "-t", "target_name", required=True, metavar="T",
               help="Device target (see `edgekit targets`), or the path of a .toml target file.")
-@click.option("--precision", "-p", default=DEFAULT_PRECISION, show_default=True, metavar="P",
-              help="Weight precision: int4, int8, fp8, fp16, bf16 or fp32.")
+@click.option("--precision", "-p", default=None, metavar="P",
+              help=f"Weight precision: int4, int8, fp8, fp16, bf16 or fp32 [default: {DEFAULT_PRECISION}; "
+                   "a GGUF on ggml-cpu: the file's own].")
 @click.option("--context", "-c", "context_text", default=None, metavar="N",
               help=f"Context length in tokens, e.g. 4096 or 32k [default: {DEFAULT_CONTEXT}, capped at the "
                    "model's maximum].")
 @click.option("--backend", "-b", default=None, metavar="B",
-              help="tensorrt, onnxruntime-cuda or onnxruntime-cpu [default: the target's].")
+              help="tensorrt, onnxruntime-cuda, onnxruntime-cpu or ggml-cpu [default: the target's; ggml-cpu for a "
+                   "GGUF on the cpu target].")
 @click.option("--budget", "budget_text", default=None, metavar="SIZE",
               help="Memory budget instead of the target's default, e.g. 3.5GiB.")
 @click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
@@ -51,16 +53,19 @@ def plan_cmd(ctx: click.Context, model: str, target_name: str, precision: str, c
              backend: str | None, budget_text: str | None, kv_cache: str, as_json: bool) -> None:
     """Will MODEL fit the target's memory? MODEL is a folder with config.json, a .gguf file, a hub id or
     `smollm2`. Exits 0 when it fits, 3 when it does not, 2 on bad input."""
-    from ..build.memory_plan import plan
+    from ..build.memory_plan import choose_backend, own_precision, plan
     from ..build.target import check_combination, load_target
     from ..sources import resolve
 
     target = load_target(target_name)
-    precision = precision.strip().lower()
-    check_combination(target, backend, precision)          # fail before reading the model
+    if precision is not None:
+        precision = precision.strip().lower()
+        check_combination(target, backend, precision)          # fail before reading the model
     budget = parse_size(budget_text) if budget_text is not None else None
     source = resolve(model, config_only=True)
     spec = source.spec
+    backend = choose_backend(target, backend, spec, precision)
+    precision = precision or own_precision(backend, spec) or DEFAULT_PRECISION
     context = (min(DEFAULT_CONTEXT, spec.max_position_embeddings) if context_text is None
                else parse_context(context_text))
     quant = None

@@ -13,10 +13,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..architectures import GGUF_WEIGHT_NAMES, layer_name
+from ..errors import UserInputError
 from ..spec import ModelSpec
 
 # The ONNX dialect each backend runs.
-DIALECT_OF_BACKEND = {"tensorrt": "tensorrt", "onnxruntime-cuda": "ort", "onnxruntime-cpu": "ort"}
+DIALECT_OF_BACKEND = {"tensorrt": "tensorrt", "onnxruntime-cuda": "ort", "onnxruntime-cpu": "ort", "ggml-cpu": "gguf"}
 BUILDABLE = ("fp32", "fp16", "int8", "int4")
 # Packed matmuls: the graph's name -> the checkpoint tensors stacked into it.
 PACKED = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
@@ -192,3 +193,39 @@ def build_memory_bytes(spec: ModelSpec, precision: str) -> int:
         return BUILD_BASE_BYTES + 4 * linear
     table = spec.vocab_size * h * 4
     return BUILD_BASE_BYTES + max(2 * table, 2 * linear)
+
+
+# ggml type name -> the precision class a bundle records for it (the ggml backend runs the blocks as stored)
+_GGML_CLASS = {"F32": "fp32", "F16": "fp16", "BF16": "fp16", "Q8_0": "int8", "Q8_1": "int8", "Q8_K": "int8",
+               "Q6_K": "int8", "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8"}
+
+
+def gguf_precision(spec: ModelSpec) -> str:
+    """The precision class of a GGUF's linear weights (most bytes win): 2- to 4-bit blocks "int4", 5- to 8-bit
+    "int8", F16/BF16 "fp16", F32 "fp32". What ``ggml-cpu`` bundles record: their blocks are not re-encoded."""
+    types = tensor_types(spec)
+    by_class: dict[str, int] = {}
+    for name, n in dict(spec.extras).get("tensor_bytes", ()):
+        if name.startswith("blk.") and name.endswith(".weight") and "norm" not in name:
+            cls = _GGML_CLASS.get(types.get(name, ""), "int4")
+            by_class[cls] = by_class.get(cls, 0) + n
+    return max(by_class, key=by_class.get) if by_class else "fp32"
+
+
+def gguf_weight_bytes(spec: ModelSpec):
+    """The ggml backend's weights: the GGUF's tensors, byte for byte (the bundle carries the file)."""
+    from ..build.precision import WeightBytes
+
+    sizes = dict(dict(spec.extras).get("tensor_bytes", ()))
+    if not sizes:
+        raise UserInputError("the ggml-cpu backend runs GGUF files only: give a .gguf model, or use "
+                             "--backend onnxruntime-cpu")
+    embedding = sizes.get("token_embd.weight", 0)
+    lm_head = sizes.get("output.weight", 0)
+    linears = sum(n for k, n in sizes.items() if k.startswith("blk.") and k.endswith(".weight") and "norm" not in k)
+    small = sum(sizes.values()) - embedding - lm_head - linears
+    largest = max(sizes.items(), key=lambda kv: kv[1])
+    src = "the GGUF's tensors as stored (memory-mapped; llama.cpp runs these blocks)"
+    return WeightBytes(linears, embedding, lm_head, small,
+                       {"linears": src, "embedding": src, "lm_head": src if lm_head else "tied: the embedding",
+                        "small": "norms, biases as stored"}, (largest[0], largest[1]))

@@ -21,7 +21,7 @@ from .speculative import Speculation, check_draft, make_drafter
 from .text import TextCodec
 
 ORT_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda")
-BACKENDS = ("auto", *ORT_BACKENDS, "tensorrt")
+BACKENDS = ("auto", *ORT_BACKENDS, "tensorrt", "ggml-cpu")
 
 
 def _parse_budget(value) -> int | None:
@@ -167,7 +167,8 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
       seconds, so it is off by default (``edgekit verify`` or ``edgekit flash`` do it once per copy).
     - ``max_context`` (<= the bundle's) sets the KV cache size; the cache is allocated once, at load.
     - ``memory_budget`` (bytes or "3.5GiB") caps what edgekit may use below what the device has free.
-    - ``backend``: "auto" (the bundle's), "onnxruntime-cpu", "onnxruntime-cuda" or "tensorrt".
+    - ``backend``: "auto" (the bundle's), "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt" or "ggml-cpu" (GGUF
+      bundles only: llama.cpp's kernels, runtime/ggml_backend.py).
     - ``prefix_reuse`` (default on): a request whose prompt token ids start like the previous sequence (prompt
       and generated tokens) keeps those KV rows and prefills only the rest; ``result.cached_tokens`` says how many.
     - ``speculative`` (default off): "ngram" drafts by prompt lookup, a path drafts with that bundle (same
@@ -179,6 +180,9 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     manifest = read_manifest(bundle)
     verify(bundle, weights=verify_weights).raise_for_problems()
     chosen = _choose_backend(manifest, backend, bundle)
+    if chosen == "ggml-cpu":
+        return _load_ggml(manifest, bundle, max_context=max_context, memory_budget=memory_budget, threads=threads,
+                          prefix_reuse=prefix_reuse, speculative=speculative)
     graph_path = manifest.path(manifest.graph["file"])
     try:   # verify() read it too: what the graph reads is a file of the bundle
         info = read_graph(graph_path.read_bytes())
@@ -206,12 +210,37 @@ def load(bundle: str | Path, *, max_context: int | None = None, memory_budget: i
     return model
 
 
+def _load_ggml(manifest, bundle, *, max_context, memory_budget, threads, prefix_reuse, speculative) -> Model:
+    """A ggml-cpu bundle: the budget checked from the manifest's model section and the GGUF's verified size, then
+    llama.cpp maps the file and allocates its cache (runtime/ggml_backend.py)."""
+    from .ggml_backend import GgmlDecoder, ggml_memory
+
+    built = int(manifest.max_context)
+    context = built if max_context is None else max_context
+    if not isinstance(context, int) or isinstance(context, bool) or not 2 <= context <= built:
+        raise GenerationError(f"invalid max_context {max_context!r}: this bundle supports 2 .. {built}")
+    memory = ggml_memory(manifest)
+    need = check_budget(memory, context, budget=_parse_budget(memory_budget), bundle_context=built)
+    codec = _text_codec(manifest)    # before llama.cpp allocates: a broken tokenizer fails cheaply
+    decoder = GgmlDecoder(str(manifest.path(manifest.graph["file"])), spec=manifest.spec(), capacity=context,
+                          n_ubatch=int(memory.get("prefill_chunk", 128)), threads=threads)
+    model = Model(manifest, decoder, codec, context, need, prefix_reuse=prefix_reuse)
+    _speculate(model, Speculation.of(speculative), bundle=bundle, backend="auto", threads=threads,
+               memory_budget=memory_budget)
+    return model
+
+
 def _choose_backend(manifest, backend: str, bundle) -> str:
     """The backend to run ``manifest`` with: the bundle's for "auto", else ``backend`` if it can run it."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     chosen = manifest.backend if backend == "auto" else backend
-    if chosen not in (*ORT_BACKENDS, "tensorrt"):
+    if (chosen == "ggml-cpu") != (manifest.backend == "ggml-cpu"):   # a GGUF bundle has no ONNX graph, and back
+        raise BackendUnavailable(
+            f"bundle {bundle} is built for {manifest.backend}, which {chosen} cannot run: load it with "
+            f"--backend {manifest.backend} (or auto), or rebuild it (edgekit build MODEL --target cpu --backend "
+            f"{chosen})")
+    if chosen not in (*ORT_BACKENDS, "tensorrt", "ggml-cpu"):
         raise BundleError(f"bundle {bundle} is for backend {chosen!r}, which this edgekit does not know: "
                           "upgrade edgekit, or rebuild the bundle")
     if chosen == "tensorrt" and manifest.backend != "tensorrt":   # TensorRT runs only the tensorrt dialect + engine

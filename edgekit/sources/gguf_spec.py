@@ -177,6 +177,8 @@ def _extras(gg: GGUFHeader, a: str, path: Path, names: set[str]) -> list[tuple[s
             f"{path.name} uses {scaling!r} rotary scaling: edgekit supports default and llama3 rotary scaling")
     # The real tensor-type mix (Q4_K_M files mix Q4_K, Q6_K and F32): the planner sizes each tensor by it.
     extras.append(("tensor_types", tuple((t.name, t.type_name) for t in gg.tensors)))
+    # the ggml backend runs the file as stored: its weights are exactly these bytes
+    extras.append(("tensor_bytes", tuple((t.name, t.n_bytes) for t in gg.tensors)))
     return extras
 
 

@@ -21,8 +21,9 @@ SCHEMA = "edgekit.bundle/1"
 MANIFEST = "manifest.json"
 
 SOURCE_KINDS = ("hf", "gguf")
-BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
-DIALECTS = ("ort", "tensorrt")
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "ggml-cpu")
+# "gguf": no ONNX graph; graph.file is the GGUF itself, run by llama.cpp (runtime/ggml_backend.py)
+DIALECTS = ("ort", "tensorrt", "gguf")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LOGITS = ("last", "all")
 

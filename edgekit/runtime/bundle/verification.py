@@ -122,7 +122,8 @@ def verify(folder: str | os.PathLike, *, weights: bool = True) -> VerifyReport:
         else:
             size_only.append(name)
     reported = {p.name for p in problems}   # a listed symlink is already reported by name
-    if manifest.graph["file"] not in reported:        # the files its tensors read (onnx_refs: stdlib only)
+    # the files an ONNX graph's tensors read (onnx_refs: stdlib only); a GGUF (ggml-cpu) holds its own tensors
+    if manifest.dialect != "gguf" and manifest.graph["file"] not in reported:
         from ..onnx_refs import graph_problems
 
         problems += [Problem(manifest.graph["file"], what) for what in graph_problems(manifest)]
