@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, refs
 
+from ggml_support import require_ggml
 from tiny_models import make_tiny
 
 
@@ -82,24 +83,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if {"smollm2_bundle", "smollm2_ggml_bundle", "smollm2_any"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-
-
-def ggml_available() -> bool:
-    """Whether llama.cpp's binding (the ggml-cpu backend, pyproject extra "ggml") is installed."""
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def require_ggml() -> None:
-    """Skip without the binding on a developer's machine; in CI (which installs it) its absence fails."""
-    import os
-
-    if ggml_available():
-        return
-    if os.environ.get("CI"):
-        pytest.fail("llama-cpp-python is not installed in CI: .ci/run installs the 'ggml' extra")
-    pytest.skip("the ggml-cpu backend needs llama-cpp-python: pip install -e '.[ggml]'")
 
 
 @pytest.fixture(scope="session")
