@@ -88,7 +88,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def smollm2_ggml_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     """ggml-cpu bundle of the real SmolLM2-135M: the packaged Q4_1 GGUF as stored, context 1024."""
-    return _build(smollm2_gguf, tmp_path_factory.mktemp("bundles") / "smollm2-ggml", context=1024)
+    return _build(smollm2_gguf, tmp_path_factory.mktemp("bundles") / "smollm2-ggml", context=1024, backend="ggml-cpu")
 
 
 @pytest.fixture(scope="session", params=["onnxruntime-cpu", "ggml-cpu"])

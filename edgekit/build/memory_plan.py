@@ -323,7 +323,9 @@ def choose_backend(target: Target, backend: str | None, spec: ModelSpec, precisi
     """The backend to plan and build with: the caller's, or for a GGUF on a target with ``ggml-cpu`` that one
     (the file's blocks run as stored on llama.cpp's kernels) unless ``precision`` asks for another precision than
     the file's, which only a re-encoding backend can give; ``None`` leaves the target's default."""
-    if backend is None and "tensor_bytes" in dict(spec.extras) and "ggml-cpu" in target.backend_names \
+    # Opt-in until parity with llama.cpp is measured on a quiet machine: a target file makes it the default by
+    # default_backend = "ggml-cpu" (targets/cpu.toml keeps onnxruntime-cpu for now).
+    if backend is None and target.default_backend == "ggml-cpu" and "tensor_bytes" in dict(spec.extras) \
             and precision in (None, gguf_precision(spec)):
         return "ggml-cpu"
     return backend
