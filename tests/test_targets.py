@@ -91,7 +91,8 @@ def test_precisions_agree_with_hardware(name):
 
 def test_cpu_target_reads_this_machine():
     t = load_target("cpu")
-    assert t.backend_names == ("onnxruntime-cpu",) and t.compute_capability is None
+    assert t.backend_names == ("onnxruntime-cpu", "ggml-cpu") and t.compute_capability is None
+    assert t.default_backend == "onnxruntime-cpu"     # ggml-cpu is opt-in until parity is measured (issue 20)
     assert t.budget_bytes == int(t.total_memory_bytes * 0.75)
 
 

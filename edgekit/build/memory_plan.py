@@ -328,6 +328,8 @@ def choose_backend(target: Target, backend: str | None, spec: ModelSpec, precisi
     if backend is None and target.default_backend == "ggml-cpu" and "tensor_bytes" in dict(spec.extras) \
             and precision in (None, gguf_precision(spec)):
         return "ggml-cpu"
+    if backend is None and target.default_backend == "ggml-cpu" and "onnxruntime-cpu" in target.backend_names:
+        return "onnxruntime-cpu"   # another precision than the file's, or a float checkpoint: re-encoded
     return backend
 
 

@@ -169,11 +169,14 @@ def check_combination(target: Target, backend: str | None, precision: str) -> Ba
                 f"{precision} is not supported by {backend} on {target.name}: use one of "
                 f"{_small_first(chosen.precisions)} with {backend}, or backend {others[0]} for {precision}")
     else:
-        ordered = sorted(target.backends, key=lambda b: b.name != target.default_backend)
+        # ggml-cpu runs GGUF files only, at their own precision: never chosen for a precision unless it is the
+        # target's default (memory_plan.choose_backend picks it for a GGUF)
+        ordered = sorted(_implicit(target), key=lambda b: b.name != target.default_backend)
         for b in ordered:
             if precision in b.precisions:
                 return b
-    valid = target.precisions if backend is None else _small_first(target.backend(backend).precisions).split(", ")
+    valid = _small_first(tuple({p for b in _implicit(target) for p in b.precisions})).split(", ") if backend is None \
+        else _small_first(target.backend(backend).precisions).split(", ")
     reason = _why_not(target, backend, precision)
     raise UnsupportedPrecision(
         f"{precision} is not supported on {target.name} ({target.hardware}): use one of {', '.join(valid)}"
@@ -260,3 +263,9 @@ def parse_sm(text: Any) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
         return None
     return int(parts[0]), int(parts[1])
+
+
+def _implicit(target: Target) -> list:
+    """The backends a precision alone may choose: not ggml-cpu (GGUF files at their own precision only) unless it
+    is the target's default."""
+    return [b for b in target.backends if b.name != "ggml-cpu" or b.name == target.default_backend]
